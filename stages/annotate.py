@@ -1,0 +1,250 @@
+"""Stage ``annotate``: score posts for the target ideology and write preference triplets, with vLLM.
+
+Step 1, scoring. A small model follows rating instructions poorly (SmolLM2-135M gives every post the same digit), so
+the score comes from token probabilities instead: the annotator reads each post after one prefix per viewpoint
+(every ideology in ``annotate.viewpoints`` plus ``none``), and the post's log-likelihood under each prefix gives a
+generative classifier. With ``calibrate: true`` each viewpoint's mean log-likelihood over the corpus is subtracted
+first (the prior correction of contextual calibration). The score is P(target ideology | post) in [0, 1]; posts at
+or above ``annotate.threshold`` are kept.
+
+Step 2, generation. For each kept post the annotator writes, as JSON constrained to a schema by vLLM structured
+outputs, an instruction the post could answer, a *chosen* answer in the ideology's voice and a *rejected* answer
+that argues the opposite. Outputs that fail validation are retried (sampled, seeded) up to ``max_retries`` times,
+then marked ``invalid`` and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import ParamsError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
+
+SECTIONS = ("ideology", "base", "annotate")
+log = logging.getLogger("politune.annotate")
+
+TRIPLET_FIELDS = ("instruction", "chosen", "rejected")
+
+
+def triplet_schema(max_chars: int) -> dict[str, Any]:
+    field = {"type": "string", "minLength": 8, "maxLength": max_chars}
+    return {
+        "type": "object",
+        "properties": {name: dict(field) for name in TRIPLET_FIELDS},
+        "required": list(TRIPLET_FIELDS),
+        "additionalProperties": False,
+    }
+
+
+def parse_triplet(text: str, max_chars: int) -> dict[str, str] | None:
+    """Validate one generated JSON triplet; ``None`` if it does not hold."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or set(obj) != set(TRIPLET_FIELDS):
+        return None
+    out = {}
+    for name in TRIPLET_FIELDS:
+        value = obj[name]
+        if not isinstance(value, str):
+            return None
+        value = " ".join(value.split())
+        if len(value) < 8 or len(value) > max_chars:
+            return None
+        out[name] = value
+    if out["chosen"].lower() == out["rejected"].lower():
+        return None
+    return out
+
+
+def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
+    """Posts x viewpoints log-likelihoods -> posterior probabilities (uniform prior, optional calibration)."""
+    z = loglik - loglik.mean(axis=0, keepdims=True) if calibrate else loglik
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+class VLLMBackend:
+    """The offline vLLM engine: batched log-likelihoods and schema-constrained chat generation."""
+
+    def __init__(self, model: str, engine: dict[str, Any], seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("cpu_kvcache_space_gib", 2)))
+        from vllm import LLM
+
+        kwargs = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
+        self.llm = LLM(model=model, seed=seed, **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.tokens_generated = 0
+
+    def loglikelihoods(self, prefixes: list[str], texts: list[str], max_text_tokens: int) -> np.ndarray:
+        from vllm import SamplingParams
+
+        prefix_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prefixes]
+        text_ids = [self.tokenizer.encode(t, add_special_tokens=False)[:max_text_tokens] for t in texts]
+        prompts = [{"prompt_token_ids": pre + ids} for ids in text_ids for pre in prefix_ids]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+        scores = np.zeros((len(texts), len(prefixes)))
+        for k, out in enumerate(outs):
+            i, j = divmod(k, len(prefixes))
+            start = len(prefix_ids[j])
+            ids = out.prompt_token_ids
+            scores[i, j] = sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
+        return scores
+
+    def generate_json(self, chats: list[list[dict[str, str]]], schema: dict[str, Any], max_tokens: int,
+                      temperature: float, seed: int | None) -> list[str]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                structured_outputs=StructuredOutputsParams(json=schema))
+        outs = self.llm.chat(chats, params, use_tqdm=False)
+        self.tokens_generated += sum(len(o.outputs[0].token_ids) for o in outs)
+        return [o.outputs[0].text for o in outs]
+
+
+def build_chat(cfg: dict[str, Any], ideology: str, post: str) -> list[dict[str, str]]:
+    prompts = cfg["prompts"][ideology]
+    fill = {"post": post, "ideology": ideology, "viewpoint": cfg["viewpoints"][ideology],
+            "opposite": cfg["viewpoints"][prompts["opposite"]]}
+    return [
+        {"role": "system", "content": prompts["system"].format(**fill)},
+        {"role": "user", "content": prompts["generate"].format(**fill)},
+    ]
+
+
+def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
+    """Return the annotated table (every post, with its status) and the report."""
+    t0 = time.perf_counter()
+    names = list(cfg["viewpoints"]) + ["none"]
+    prefixes = [cfg["score_prefix"].format(viewpoint=cfg["viewpoints"][n]) for n in cfg["viewpoints"]]
+    prefixes.append(cfg["score_prefix"].format(viewpoint=cfg["none_viewpoint"]))
+    texts = posts["text"].tolist()
+    loglik = backend.loglikelihoods(prefixes, texts, cfg["max_post_tokens"])
+    probs = viewpoint_probabilities(loglik, cfg["calibrate"])
+    table = posts.copy()
+    table["score"] = probs[:, names.index(ideology)].round(6)
+    table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
+    keep = table["score"] >= cfg["threshold"]
+    if cfg.get("max_kept"):
+        order = table[keep].sort_values(["score", "id"], ascending=[False, True]).index[: cfg["max_kept"]]
+        keep = table.index.isin(order)
+    table["status"] = np.where(keep, "pending", "dropped")
+    for name in TRIPLET_FIELDS:
+        table[name] = None
+    schema = triplet_schema(cfg["max_answer_chars"])
+    pending = list(table.index[keep])
+    retries = 0
+    for attempt in range(cfg["max_retries"] + 1):
+        if not pending:
+            break
+        if attempt:
+            retries += len(pending)
+        chats = [build_chat(cfg, ideology, table.at[i, "text"]) for i in pending]
+        temperature = 0.0 if attempt == 0 else cfg["retry_temperature"]
+        outputs = backend.generate_json(chats, schema, cfg["max_new_tokens"], temperature, seed + attempt)
+        still = []
+        for i, text in zip(pending, outputs):
+            triplet = parse_triplet(text, cfg["max_answer_chars"])
+            if triplet is None:
+                still.append(i)
+                continue
+            for name in TRIPLET_FIELDS:
+                table.at[i, name] = triplet[name]
+            table.at[i, "status"] = "kept"
+        pending = still
+    table.loc[pending, "status"] = "invalid"
+    kept = table[table["status"] == "kept"]
+    wall = time.perf_counter() - t0
+    report = {
+        "ideology": ideology,
+        "posts_in": int(len(table)),
+        "kept": int(len(kept)),
+        "dropped": int((table["status"] == "dropped").sum()),
+        "invalid": int((table["status"] == "invalid").sum()),
+        "retries": int(retries),
+        "mean_score_kept": round(float(kept["score"].mean()), 4) if len(kept) else None,
+        "tokens_generated": int(backend.tokens_generated),
+        "wall_seconds": round(wall, 2),
+        "posts_per_second": round(len(table) / wall, 3),
+    }
+    if "label" in table and table["label"].notna().any():
+        quality = {}
+        for label, group in table[table["label"].notna()].groupby("label"):
+            quality[str(label)] = {
+                "n": int(len(group)),
+                "mean_score": round(float(group["score"].mean()), 4),
+                "kept_rate": round(float((group["status"] != "dropped").mean()), 4),
+                "viewpoint_match": round(float((group["viewpoint"] == label).mean()), 4)
+                if label in names else None,
+            }
+        report["quality"] = quality
+    return table, report
+
+
+def sample_markdown(table, n: int) -> str:
+    kept = table[table["status"] == "kept"].head(n)
+    lines = ["# Annotation sample", "", f"{len(kept)} of the kept triplets, in corpus order.", ""]
+    for _, row in kept.iterrows():
+        lines += [f"## {row['id']} (score {row['score']:.3f})", "", f"> {row['text']}", "",
+                  f"- **instruction**: {row['instruction']}", f"- **chosen**: {row['chosen']}",
+                  f"- **rejected**: {row['rejected']}", ""]
+    return "\n".join(lines)
+
+
+def validate(ideology: Any, cfg: dict[str, Any]) -> None:
+    viewpoints = cfg.get("viewpoints") or {}
+    if ideology not in viewpoints:
+        raise ParamsError(f"ideology: {ideology!r} is not one of annotate.viewpoints ({', '.join(viewpoints)})")
+    if ideology not in cfg.get("prompts", {}):
+        raise ParamsError(f"annotate.prompts.{ideology}: no prompts for this ideology")
+    if cfg.get("backend") != "vllm":
+        raise ParamsError(f"annotate.backend: {cfg.get('backend')!r} is not supported (supported: vllm)")
+    if not 0.0 <= float(cfg.get("threshold", -1)) <= 1.0:
+        raise ParamsError(f"annotate.threshold must be within [0, 1], got {cfg.get('threshold')!r}")
+    if int(cfg.get("max_retries", -1)) < 0:
+        raise ParamsError("annotate.max_retries must be >= 0")
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--posts", required=True)
+    parser.add_argument("--model", required=True, help="annotator model directory")
+    parser.add_argument("--out", required=True, help="annotated table (Parquet)")
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--sample", required=True, help="human-readable sample of kept triplets (Markdown)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, SECTIONS)
+    ideology, base, cfg = params["ideology"], params["base"], params["annotate"]
+    validate(ideology, cfg)
+    import pandas as pd
+
+    from stages.tracking import log_artifacts, log_metrics, stage_run
+
+    seed_everything(base["seed"])
+    posts = pd.read_parquet(args.posts)
+    if cfg.get("max_posts"):
+        posts = posts.head(int(cfg["max_posts"]))
+    with stage_run("annotate", params) as mlflow:
+        backend = VLLMBackend(args.model, cfg["engine"], base["seed"])
+        table, report = annotate(posts, backend, ideology, cfg, base["seed"])
+        with atomic_path(args.out) as tmp:
+            table.to_parquet(tmp, index=False)
+        write_json(args.report, report)
+        with atomic_path(args.sample) as tmp:
+            tmp.write_text(sample_markdown(table, cfg["sample_size"]), encoding="utf-8")
+        log_metrics(mlflow, report)
+        log_artifacts(mlflow, args.sample)
+    log.info("annotation: %s", {k: report[k] for k in ("posts_in", "kept", "dropped", "invalid")})
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,121 @@
+"""Shared helpers: params loading, seeding, atomic writes, CLI scaffolding.
+
+Every stage loads only the params sections it declares in ``SECTIONS``; ``tests/test_dvc_yaml.py`` checks that
+those are exactly the sections ``dvc.yaml`` lists for the stage, so a key a script reads is always a key DVC tracks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("politune")
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing or invalid; the message names the key."""
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file, row and field."""
+
+
+def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, Any]:
+    """Return only ``sections`` of the YAML params file, failing clearly on a missing one."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    missing = [s for s in sections if s not in data]
+    if missing:
+        raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")
+    return {s: data[s] for s in sections}
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return parser
+
+
+def run_main(fn, argv: Sequence[str] | None = None) -> None:
+    """Run a stage's ``main`` with logging set up; expected errors print one clear line and exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        fn(argv)
+    except (ParamsError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success move it onto ``target`` (file or directory).
+
+    Nothing is left at ``target`` if the body raises, and an earlier ``target`` is replaced only at the end.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = tmp_dir / target.name
+    try:
+        yield tmp
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically with a stable key order (small metrics files kept in git)."""
+    with atomic_path(path) as tmp:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, ensure_ascii=False)
+            fh.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with Path(path).open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,65 @@
+"""The Political Compass Test instrument: load the propositions and weights, score answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from stages.common import InputError, read_json
+
+
+@dataclass(frozen=True)
+class Compass:
+    statements: list[str]
+    economic: np.ndarray  # items x 4 weights
+    social: np.ndarray
+    economic_divisor: float
+    economic_offset: float
+    social_divisor: float
+    social_offset: float
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.statements)
+
+    def coordinates(self, answers: Sequence[int], items: Sequence[int] | None = None) -> tuple[float, float]:
+        """(economic, social) for one answer index (0-3) per item, as the site computes them (rounded to 0.01)."""
+        answers = np.asarray(answers, dtype=int)
+        if answers.shape != (len(self),) or answers.min() < 0 or answers.max() > 3:
+            raise ValueError(f"expected {len(self)} answers in 0..3")
+        idx = np.arange(len(self)) if items is None else np.asarray(items)
+        econ = self.economic[idx, answers[idx]].sum() / self.economic_divisor + self.economic_offset
+        soc = self.social[idx, answers[idx]].sum() / self.social_divisor + self.social_offset
+        return round(float(econ), 2), round(float(soc), 2)
+
+    def expected_coordinates(self, probs: np.ndarray) -> tuple[float, float]:
+        """Coordinates of the expected answer weights under per-item answer probabilities (items x 4)."""
+        econ = (probs * self.economic).sum() / self.economic_divisor + self.economic_offset
+        soc = (probs * self.social).sum() / self.social_divisor + self.social_offset
+        return round(float(econ), 2), round(float(soc), 2)
+
+
+def load_compass(path: str | Path) -> Compass:
+    data = read_json(path)
+    items = data.get("items")
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{path}: field 'items' must be a non-empty list")
+    for n, item in enumerate(items):
+        for field in ("statement", "economic", "social"):
+            if field not in item:
+                raise InputError(f"{path}: items[{n}]: missing field {field!r}")
+        if len(item["economic"]) != 4 or len(item["social"]) != 4:
+            raise InputError(f"{path}: items[{n}]: 'economic' and 'social' need 4 weights")
+    return Compass(
+        statements=[it["statement"] for it in items],
+        economic=np.array([it["economic"] for it in items], dtype=float),
+        social=np.array([it["social"] for it in items], dtype=float),
+        economic_divisor=float(data["economic_divisor"]),
+        economic_offset=float(data["economic_offset"]),
+        social_divisor=float(data["social_divisor"]),
+        social_offset=float(data["social_offset"]),
+        answers=list(data["answers"]),
+    )

@@ -1,0 +1,82 @@
+"""dvc.yaml declares exactly what each stage reads (treeverse/dvc#9913: an undeclared param changes nothing)."""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def stage_module(cmd: str) -> str:
+    words = cmd.split()
+    return words[words.index("-m") + 1]
+
+
+def local_imports(module: str, seen=None) -> set[str]:
+    """The ``stages.*`` modules that ``module`` imports, transitively (including itself)."""
+    seen = set() if seen is None else seen
+    if module in seen:
+        return seen
+    seen.add(module)
+    path = ROOT / (module.replace(".", "/") + ".py")
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("stages.")]
+        for name in names:
+            if (ROOT / (name.replace(".", "/") + ".py")).exists():
+                local_imports(name, seen)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE))
+def test_stage_params_are_exactly_the_sections_its_module_loads(name):
+    stage = PIPELINE[name]
+    module = importlib.import_module(stage_module(stage["cmd"]))
+    assert sorted(stage.get("params", [])) == sorted(module.SECTIONS)
+    for section in module.SECTIONS:
+        assert section in PARAMS, f"params.yaml lacks section {section!r} that stage {name} reads"
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE))
+def test_stage_deps_include_its_code(name):
+    stage = PIPELINE[name]
+    needed = {m.replace(".", "/") + ".py" for m in local_imports(stage_module(stage["cmd"]))}
+    assert needed <= set(stage["deps"]), f"{name}: missing code deps {sorted(needed - set(stage['deps']))}"
+
+
+def test_every_params_section_is_read_by_some_stage():
+    used = {s for st in PIPELINE.values() for s in st.get("params", [])}
+    assert used == set(PARAMS)
+
+
+def test_selective_rerun_design():
+    """ideology reaches annotate and nothing upstream; lora reaches only training."""
+    def readers(section):
+        return {n for n, st in PIPELINE.items() if section in st.get("params", [])}
+
+    assert readers("ideology") == {"annotate"}
+    assert readers("lora") == {"sft"}
+    upstream_of_annotate = {"prepare_models", "ingest"}
+    for name in upstream_of_annotate:
+        assert not {"ideology", "annotate", "lora", "sft", "dpo"} & set(PIPELINE[name].get("params", []))
+
+
+def test_paths_come_from_dvc_yaml_not_code():
+    """Stage modules take their paths as arguments: no output path is hard-coded in the code."""
+    outs = set()
+    for stage in PIPELINE.values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            outs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    for path in (ROOT / "stages").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for out in outs:
+            assert out not in text, f"{path.name} hard-codes {out}"

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from stages.common import InputError
+from stages.ingest import clean_text, extract_text, ingest
+from tests.conftest import ROOT
+
+CFG = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["ingest"]
+
+
+def test_clean_text_strips_html_urls_and_control_characters():
+    raw = '<p>Lower&nbsp;taxes &amp; less spending!</p><p><a href="https://x.org/a">https://x.org/a</a> see www.y.com\x07</p>'
+    assert clean_text(raw) == "Lower taxes & less spending! see"
+
+
+def test_extract_text_field_conventions():
+    fields = CFG["text_fields"]
+    assert extract_text({"body": "a comment"}, fields) == "a comment"
+    assert extract_text({"title": "Title.", "selftext": "Body"}, fields) == "Title. Body"
+    assert extract_text({"title": "Only title", "selftext": "[removed]"}, fields) == "Only title"
+    assert extract_text({"content": "<p>x</p>"}, fields) == "<p>x</p>"
+    assert extract_text({"other": 1}, fields) is None
+
+
+def test_shipped_corpus_is_accounted_for():
+    posts, report = ingest(ROOT / "data" / "raw", CFG)
+    assert report["posts_out"] == len(posts) >= 300
+    assert report["rows_read"] == report["posts_out"] + sum(report["skipped"].values())
+    assert report["skipped"]["placeholder"] >= 1 and report["skipped"]["duplicate"] >= 1
+    assert set(report["labels"]) == {"right", "left", "off"}
+    assert len({p["id"] for p in posts}) == len(posts)
+    assert all("<" not in p["text"] and "http" not in p["text"] for p in posts)
+
+
+def write(path, text, mode="w"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bad_rows_are_skipped_and_reported_with_file_and_line(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "a.jsonl", '{"text": "fine post"}\n{"text": broken\n{"nothing": 1}\n[1, 2]\n')
+    write(raw / "b.jsonl", b'{"text": "caf\xe9"}\n{"text": "second"}\n')
+    write(raw / "c.csv", "")
+    posts, report = ingest(raw, dict(CFG, on_bad_row="skip"))
+    assert [p["text"] for p in posts] == ["fine post", "second"]
+    assert report["skipped"]["bad_row"] == 4
+    problems = "\n".join(report["problems"])
+    assert f"{raw / 'a.jsonl'}:2: invalid JSON" in problems
+    assert f"{raw / 'a.jsonl'}:3: no text field" in problems
+    assert f"{raw / 'b.jsonl'}:1: not UTF-8" in problems
+    assert report["empty_files"] == 1
+
+
+def test_on_bad_row_fail_names_file_line_and_field(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "posts.jsonl", '{"text": "ok"}\n{"title_only": "x"}\n')
+    with pytest.raises(InputError, match=r"posts\.jsonl:2: no text field"):
+        ingest(raw, dict(CFG, on_bad_row="fail"))
+
+
+def test_enormous_posts_are_truncated(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "big.jsonl", json.dumps({"text": "word " * 5000}) + "\n")
+    posts, report = ingest(raw, dict(CFG, max_chars=100))
+    assert len(posts[0]["text"]) <= 100 and report["truncated"] == 1
+
+
+def test_parquet_and_csv_inputs(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pd.DataFrame({"id": ["p1", "p2"], "body": ["from parquet", "from parquet"]}).to_parquet(raw / "x.parquet")
+    write(raw / "y.csv", "id,text\nc1,from csv\n")
+    posts, report = ingest(raw, CFG)
+    assert sorted(p["text"] for p in posts) == ["from csv", "from parquet"]
+    assert report["skipped"]["duplicate"] == 1
+
+
+def test_stage_fails_clearly_and_keeps_previous_output(tmp_path):
+    raw = write(tmp_path / "raw" / "empty.jsonl", "\n").parent
+    out = write(tmp_path / "posts.parquet", "previous output")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": CFG}), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(params), "--raw", str(raw),
+                           "--out", str(out), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "no usable post" in proc.stderr
+    assert out.read_text(encoding="utf-8") == "previous output"
+
+
+def test_invalid_policy_is_a_params_error(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ingest": dict(CFG, on_bad_row="ignore")}), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(params), "--raw", "data/raw",
+                           "--out", str(tmp_path / "o.parquet"), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "ingest.on_bad_row" in proc.stderr
+    assert not (tmp_path / "o.parquet").exists()

@@ -1,0 +1,80 @@
+"""SFT then DPO with real TRL on a tiny random-weight model: LoRA weights change, base weights do not."""
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.build_datasets import build, save
+from stages.common import ParamsError
+from stages.training import strict_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_strict_config_rejects_typos_and_pipeline_keys():
+    from peft import LoraConfig
+    from trl import DPOConfig
+
+    with pytest.raises(ParamsError, match="lora: unknown LoraConfig field.*rank"):
+        strict_config(LoraConfig, "lora", {"rank": 8})
+    with pytest.raises(ParamsError, match="dpo: output_dir is set by the pipeline"):
+        strict_config(DPOConfig, "dpo", {"output_dir": "x"}, output_dir="y")
+    cfg = strict_config(DPOConfig, "dpo", {"beta": 0.2, "bf16": False}, defaults={"report_to": "none"}, output_dir="y", seed=3)
+    assert cfg.beta == 0.2 and cfg.seed == 3
+
+
+@pytest.fixture()
+def tiny_data(tmp_path):
+    rows = []
+    for i in range(12):
+        rows.append({"id": f"p{i:02d}", "status": "kept", "instruction": f"What should we do about issue {i}?",
+                     "chosen": f"Cut taxes and regulations on issue {i}.",
+                     "rejected": f"Raise taxes and add regulations on issue {i}."})
+    rows.append({"id": "zz", "status": "dropped", "instruction": None, "chosen": None, "rejected": None})
+    built = build(pd.DataFrame(rows), seed=0, test_size=0.25)
+    assert len(built["dpo"]["train"]) + len(built["dpo"]["test"]) == 12
+    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion"}
+    save(built["sft"], tmp_path / "sft")
+    save(built["dpo"], tmp_path / "dpo")
+    return tmp_path
+
+
+def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_data):
+    from stages import dpo, sft
+
+    base_before = load_file(tiny_model_dir / "model.safetensors")
+    params = {
+        "base": {"seed": 0},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                 "task_type": "CAUSAL_LM", "init_lora_weights": True},
+        "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+                "max_length": 64, "bf16": False},
+        "dpo": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+                "max_length": 64, "beta": 0.1, "bf16": False},
+    }
+    trainer, _ = sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
+    assert trainer.state.global_step == 3
+    sft_weights = load_file(tmp_path / "sft_adapter" / "adapter_model.safetensors")
+    lora_b = [k for k in sft_weights if "lora_B" in k]
+    assert lora_b and all(sft_weights[k].abs().sum() > 0 for k in lora_b), "SFT did not move LoRA B (init zero)"
+
+    trainer, extra = dpo.train(tiny_model_dir, tmp_path / "sft_adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
+                               params, tmp_path / "w2")
+    assert trainer.state.global_step == 3
+    assert "ref" in trainer.model.peft_config, "TRL should keep a frozen copy of the SFT adapter as reference"
+    dpo_weights = load_file(tmp_path / "dpo_adapter" / "adapter_model.safetensors")
+    assert set(dpo_weights) == set(sft_weights)
+    assert any(not torch.equal(dpo_weights[k], sft_weights[k]) for k in dpo_weights), "DPO did not change LoRA"
+
+    # The frozen reference adapter is still the SFT adapter, and the base weights on disk are untouched.
+    ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
+    assert ref and all(not p.requires_grad for p in ref.values())
+    base_after = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    base_in_memory = {n.replace("base_model.model.", ""): p for n, p in trainer.model.named_parameters()
+                      if "lora_" not in n}
+    for name, tensor in base_before.items():
+        key = name if name in base_in_memory else name.replace(".weight", ".base_layer.weight")
+        if key in base_in_memory:
+            assert torch.equal(base_in_memory[key].detach(), tensor), f"base weight {name} changed"
