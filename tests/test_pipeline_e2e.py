@@ -1,0 +1,94 @@
+"""End to end: a throwaway git+DVC repo with a tiny configuration, real vLLM, real TRL, real MLflow store."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project
+
+pytestmark = pytest.mark.slow
+STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate"}
+
+
+def run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+def ran(output):
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def tiny_params(params, model_dir):
+    params["models"] = {"annotator": str(model_dir), "target": str(model_dir)}
+    params["annotate"].update(max_posts=16, threshold=0.2, max_new_tokens=160, max_retries=1, sample_size=3)
+    params["datasets"].update(min_pairs=4, test_size=0.25)
+    small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "logging_steps": 1}
+    params["sft"].update(small)
+    params["dpo"].update(small)
+    params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
+    return params
+
+
+@pytest.fixture()
+def repo(tmp_path, smollm2_dir):
+    root = copy_project(tmp_path / "repo")
+    params = tiny_params(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), smollm2_dir)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP"))}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny politune"], root, env)
+    return root, env
+
+
+def test_repro_then_selective_reruns(repo):
+    root, env = repo
+    out = run(["dvc", "repro"], root, env)
+    assert ran(out) == STAGES, out[-3000:]
+    assert "up to date" in run(["dvc", "status"], root, env)
+    assert ran(run(["dvc", "repro"], root, env)) == set()
+
+    metrics = json.loads((root / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    for model in ("base", "sft", "dpo"):
+        assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
+        assert -10 <= metrics[model]["economic"] <= 10 and -10 <= metrics[model]["social"] <= 10
+    assert (root / "reports" / "compass.png").stat().st_size > 10_000
+    annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
+    assert annotation["kept"] + annotation["dropped"] + annotation["invalid"] == annotation["posts_in"] == 16
+    shown = run(["dvc", "metrics", "show", "--json"], root, env)
+    assert "economic" in shown
+
+    # MLflow holds one run per stage, with its params and metrics.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("politune")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags["politune.stage"]: r for r in runs}
+    assert set(by_stage) == STAGES
+    assert by_stage["sft"].data.params["lora.r"] == "16"
+    assert by_stage["annotate"].data.params["ideology"] == "right"
+    assert "base.economic" in by_stage["evaluate"].data.metrics
+    assert "kept" in by_stage["annotate"].data.metrics
+
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline results"], root, env)
+
+    out = run(["dvc", "exp", "run", "-S", "lora.r=8"], root, env)
+    assert ran(out) == {"sft", "dpo", "evaluate"}, out[-3000:]
+
+    out = run(["dvc", "exp", "run", "-S", "ideology=left"], root, env)
+    assert "annotate" in ran(out) and not {"prepare_models", "ingest"} & ran(out), out[-3000:]
+    annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
+    assert annotation["ideology"] == "left"
+    exps = run(["dvc", "exp", "show", "--json"], root, env)
+    assert "lora.r" in exps and "ideology" in exps
