@@ -1,5 +1,7 @@
 """Stage ``annotate``: score posts for the target ideology and write preference triplets, with vLLM.
 
+Backends (``annotate.backend``, see ``stages/backends.py``): ``vllm`` (default), ``openai``, ``transformers``.
+
 Step 1, scoring. A small model follows rating instructions poorly (SmolLM2-135M gives every post the same digit), so
 the score comes from token probabilities instead: the annotator reads each post after one prefix per viewpoint
 (every ideology in ``annotate.viewpoints`` plus ``none``), and the post's log-likelihood under each prefix gives a
@@ -17,14 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.common import ParamsError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
+from stages.backends import BACKENDS, make_backend
+from stages.common import InputError, ParamsError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
 
 SECTIONS = ("ideology", "base", "annotate")
 log = logging.getLogger("politune.annotate")
@@ -70,45 +72,6 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
-
-
-class VLLMBackend:
-    """The offline vLLM engine: batched log-likelihoods and schema-constrained chat generation."""
-
-    def __init__(self, model: str, engine: dict[str, Any], seed: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("cpu_kvcache_space_gib", 2)))
-        from vllm import LLM
-
-        kwargs = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
-        self.llm = LLM(model=model, seed=seed, **kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.tokens_generated = 0
-
-    def loglikelihoods(self, prefixes: list[str], texts: list[str], max_text_tokens: int) -> np.ndarray:
-        from vllm import SamplingParams
-
-        prefix_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prefixes]
-        text_ids = [self.tokenizer.encode(t, add_special_tokens=False)[:max_text_tokens] for t in texts]
-        prompts = [{"prompt_token_ids": pre + ids} for ids in text_ids for pre in prefix_ids]
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-        scores = np.zeros((len(texts), len(prefixes)))
-        for k, out in enumerate(outs):
-            i, j = divmod(k, len(prefixes))
-            start = len(prefix_ids[j])
-            ids = out.prompt_token_ids
-            scores[i, j] = sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
-        return scores
-
-    def generate_json(self, chats: list[list[dict[str, str]]], schema: dict[str, Any], max_tokens: int,
-                      temperature: float, seed: int | None) -> list[str]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                structured_outputs=StructuredOutputsParams(json=schema))
-        outs = self.llm.chat(chats, params, use_tqdm=False)
-        self.tokens_generated += sum(len(o.outputs[0].token_ids) for o in outs)
-        return [o.outputs[0].text for o in outs]
 
 
 def build_chat(cfg: dict[str, Any], ideology: str, post: str) -> list[dict[str, str]]:
@@ -206,8 +169,8 @@ def validate(ideology: Any, cfg: dict[str, Any]) -> None:
         raise ParamsError(f"ideology: {ideology!r} is not one of annotate.viewpoints ({', '.join(viewpoints)})")
     if ideology not in cfg.get("prompts", {}):
         raise ParamsError(f"annotate.prompts.{ideology}: no prompts for this ideology")
-    if cfg.get("backend") != "vllm":
-        raise ParamsError(f"annotate.backend: {cfg.get('backend')!r} is not supported (supported: vllm)")
+    if cfg.get("backend") not in BACKENDS:
+        raise ParamsError(f"annotate.backend: {cfg.get('backend')!r} is not one of {', '.join(BACKENDS)}")
     if not 0.0 <= float(cfg.get("threshold", -1)) <= 1.0:
         raise ParamsError(f"annotate.threshold must be within [0, 1], got {cfg.get('threshold')!r}")
     if int(cfg.get("max_retries", -1)) < 0:
@@ -234,8 +197,15 @@ def main(argv=None) -> None:
     if cfg.get("max_posts"):
         posts = posts.head(int(cfg["max_posts"]))
     with stage_run("annotate", params) as mlflow:
-        backend = VLLMBackend(args.model, cfg["engine"], base["seed"])
+        backend = make_backend(cfg, args.model, base["seed"])
         table, report = annotate(posts, backend, ideology, cfg, base["seed"])
+        report["backend"] = cfg["backend"]
+        if report["kept"] == 0:
+            scores = table["score"]
+            raise InputError(
+                f"{args.posts}: annotation kept no post for ideology {ideology!r} (scores {scores.min():.3f} to "
+                f"{scores.max():.3f}, annotate.threshold={cfg['threshold']}, {report['invalid']} invalid outputs); "
+                "lower annotate.threshold, raise annotate.max_retries, or add posts to data/raw")
         with atomic_path(args.out) as tmp:
             table.to_parquet(tmp, index=False)
         write_json(args.report, report)

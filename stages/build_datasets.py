@@ -1,7 +1,14 @@
 """Stage ``build_datasets``: SFT (instruction -> chosen) and DPO (prompt, chosen, rejected) datasets.
 
-Both are in TRL's conversational format and are written as Parquet splits (``train.parquet``, ``test.parquet``),
-loadable with ``datasets.load_dataset("parquet", data_dir=...)``. Parquet keeps them byte-identical across reruns.
+The pairs come from ``datasets.source``: ``annotated`` (the kept rows of the annotate stage) or an existing
+preference dataset (bring your own): a JSONL/JSON/Parquet/CSV file or a ``datasets`` directory under
+``data/external/`` with ``prompt``, ``chosen``, ``rejected`` (strings, as in the PoliTune authors' released sets, or
+chat messages; a missing ``prompt`` is extracted from conversations with TRL's ``maybe_extract_prompt``), or a hub id
+where a hub is reachable. ``datasets.mix`` instead draws from several sources in given fractions, with the seed.
+
+Both outputs are in TRL's conversational format and are written as Parquet splits (``train.parquet``,
+``test.parquet``), loadable with ``datasets.load_dataset("parquet", data_dir=...)``; Parquet keeps them
+byte-identical across reruns.
 """
 
 from __future__ import annotations
@@ -13,21 +20,142 @@ from typing import Any
 from stages.common import InputError, ParamsError, atomic_path, load_params, run_main, stage_parser, write_json
 
 SECTIONS = ("base", "datasets")
+FIELDS = ("prompt", "chosen", "rejected")
 log = logging.getLogger("politune.build_datasets")
 
 
-def build(table, seed: int, test_size: float):
-    """Return ``{"sft": DatasetDict, "dpo": DatasetDict}`` from the kept rows of the annotated table."""
+def _as_messages(value: Any, role: str, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError(f"{where}: empty text")
+        return [{"role": role, "content": value}]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        return [{"role": str(m.get("role", role)), "content": str(m["content"])} for m in value]
+    raise InputError(f"{where}: expected a string or a list of chat messages")
+
+
+def normalise(rows: list[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
+    """Rows in any supported preference schema -> conversational prompt/chosen/rejected rows with an id."""
+    from trl.data_utils import maybe_extract_prompt
+
+    out = []
+    for n, row in enumerate(rows, start=1):
+        where = f"{origin}: row {n}"
+        for field in ("chosen", "rejected"):
+            if row.get(field) is None:
+                raise InputError(f"{where}: missing field {field!r}")
+        if row.get("prompt") is None:
+            if not isinstance(row["chosen"], (list, tuple)):
+                raise InputError(f"{where}: missing field 'prompt' (and 'chosen' is not a conversation)")
+            row = maybe_extract_prompt({"chosen": list(row["chosen"]), "rejected": list(row["rejected"])})
+        item = {"id": str(row.get("id") or f"{Path(origin).name}:{n}")}
+        item["prompt"] = _as_messages(row["prompt"], "user", f"{where}, field 'prompt'")
+        for field in ("chosen", "rejected"):
+            item[field] = _as_messages(row[field], "assistant", f"{where}, field {field!r}")
+        out.append(item)
+    return out
+
+
+def load_source(source: str, annotated: str | Path, external: str | Path) -> list[dict[str, Any]]:
+    """Return normalised pairs from ``annotated``, a file or directory under ``external``, or a hub id."""
+    import pandas as pd
+
+    if source == "annotated":
+        table = pd.read_parquet(annotated)
+        kept = table[table["status"] == "kept"].sort_values("id")
+        return normalise([{"id": r.id, "prompt": r.instruction, "chosen": r.chosen, "rejected": r.rejected}
+                          for r in kept.itertuples()], str(annotated))
+    path = Path(source)
+    if path.exists():
+        external = Path(external).resolve()
+        if external not in path.resolve().parents:
+            raise ParamsError(f"datasets source {source!r}: put preference files under {external} (a tracked dep)")
+        return normalise(_read_path(path), str(path))
+    if path.suffix or source.startswith((".", "/")) or path.parts[:1] == ("data",):
+        raise InputError(f"datasets source {source!r}: no such file or folder")
+    if "/" in source:
+        from datasets import load_dataset
+
+        return normalise(list(load_dataset(source, split="train")), source)
+    raise ParamsError(f"datasets source {source!r}: not 'annotated', an existing path or a hub id")
+
+
+def _read_path(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    import pandas as pd
+
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+            ds = ds["train"] if hasattr(ds, "keys") else ds
+            return list(ds)
+        rows = []
+        for file in sorted(p for p in path.iterdir() if p.suffix in {".jsonl", ".json", ".parquet", ".csv"}):
+            rows += _read_path(file)
+        return rows
+    if path.suffix in {".jsonl", ".json"}:
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            if path.suffix == ".json":
+                data = json.load(fh)
+                return data if isinstance(data, list) else data.get("data", [])
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise InputError(f"{path}: row {n}: invalid JSON ({exc.msg})") from exc
+        return rows
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).to_dict(orient="records")
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+    raise InputError(f"{path}: unsupported preference file type {path.suffix!r}")
+
+
+def mixture_counts(sizes: list[int], fractions: list[float], total: int | None) -> list[int]:
+    """Pairs to draw from each source: proportional to ``fractions`` (largest remainder), within each size."""
+    weights = [f / sum(fractions) for f in fractions]
+    limit = min(int(s / w) for s, w in zip(sizes, weights))
+    total = limit if total is None else int(total)
+    if total > limit:
+        raise InputError(f"datasets.mix_size={total} needs more pairs than the sources hold (at most {limit})")
+    raw = [w * total for w in weights]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def collect(cfg: dict[str, Any], seed: int, annotated, external) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import random
+
+    mix = cfg.get("mix") or []
+    if not mix:
+        pairs = load_source(cfg["source"], annotated, external)
+        return pairs, {cfg["source"]: len(pairs)}
+    sources = [load_source(m["source"], annotated, external) for m in mix]
+    counts = mixture_counts([len(s) for s in sources], [float(m["fraction"]) for m in mix], cfg.get("mix_size"))
+    rng = random.Random(seed)
+    pairs, drawn = [], {}
+    for m, rows, count in zip(mix, sources, counts):
+        picked = rng.sample(rows, count)
+        pairs += [dict(r, id=f"{m['source']}:{r['id']}") for r in picked]
+        drawn[m["source"]] = count
+    return pairs, drawn
+
+
+def build(pairs: list[dict[str, Any]], seed: int, test_size: float):
+    """Return ``{"sft": DatasetDict, "dpo": DatasetDict}`` from normalised pairs."""
     from datasets import Dataset
 
-    kept = table[table["status"] == "kept"].sort_values("id").reset_index(drop=True)
-    pairs = Dataset.from_dict({
-        "id": kept["id"].tolist(),
-        "prompt": [[{"role": "user", "content": q}] for q in kept["instruction"]],
-        "chosen": [[{"role": "assistant", "content": a}] for a in kept["chosen"]],
-        "rejected": [[{"role": "assistant", "content": a}] for a in kept["rejected"]],
-    })
-    split = pairs.train_test_split(test_size=test_size, seed=seed)
+    pairs = sorted(pairs, key=lambda r: r["id"])
+    data = Dataset.from_dict({k: [r[k] for r in pairs] for k in ("id",) + FIELDS})
+    split = data.train_test_split(test_size=test_size, seed=seed)
     sft = split.map(lambda row: {"completion": row["chosen"]}, remove_columns=["chosen", "rejected"])
     return {"sft": sft, "dpo": split}
 
@@ -39,34 +167,40 @@ def save(dataset_dict, out_dir: str | Path) -> None:
             split.to_parquet(str(tmp / f"{name}.parquet"))
 
 
+def validate(cfg: dict[str, Any]) -> None:
+    if not 0.0 < float(cfg.get("test_size", 0)) < 1.0:
+        raise ParamsError(f"datasets.test_size must be in (0, 1), got {cfg.get('test_size')!r}")
+    for n, m in enumerate(cfg.get("mix") or []):
+        if not isinstance(m, dict) or "source" not in m or float(m.get("fraction", 0)) <= 0:
+            raise ParamsError(f"datasets.mix[{n}] needs a 'source' and a positive 'fraction'")
+
+
 def main(argv=None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--annotated", required=True)
+    parser.add_argument("--annotated", required=True, help="annotate stage output (source 'annotated')")
+    parser.add_argument("--external", required=True, help="folder of user-provided preference datasets")
     parser.add_argument("--sft-out", required=True)
     parser.add_argument("--dpo-out", required=True)
     parser.add_argument("--report", required=True)
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     cfg, seed = params["datasets"], params["base"]["seed"]
-    if not 0.0 < float(cfg["test_size"]) < 1.0:
-        raise ParamsError(f"datasets.test_size must be in (0, 1), got {cfg['test_size']!r}")
-    import pandas as pd
-
+    validate(cfg)
     from stages.tracking import log_metrics, stage_run
 
-    table = pd.read_parquet(args.annotated)
-    kept = int((table["status"] == "kept").sum())
-    if kept < int(cfg["min_pairs"]):
+    pairs, drawn = collect(cfg, seed, args.annotated, args.external)
+    if len(pairs) < int(cfg["min_pairs"]):
         raise InputError(
-            f"{args.annotated}: only {kept} kept triplets, fewer than datasets.min_pairs={cfg['min_pairs']}; "
-            "lower annotate.threshold, add posts to data/raw, or lower datasets.min_pairs")
+            f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg['min_pairs']}; "
+            "lower annotate.threshold, add posts to data/raw, choose another datasets.source, or lower min_pairs")
     with stage_run("build_datasets", params) as mlflow:
-        built = build(table, seed, float(cfg["test_size"]))
+        built = build(pairs, seed, float(cfg["test_size"]))
         save(built["sft"], args.sft_out)
         save(built["dpo"], args.dpo_out)
-        report = {"pairs": kept, "train": len(built["dpo"]["train"]), "test": len(built["dpo"]["test"])}
+        report = {"pairs": len(pairs), "train": len(built["dpo"]["train"]), "test": len(built["dpo"]["test"]),
+                  "sources": drawn}
         write_json(args.report, report)
-        log_metrics(mlflow, report)
+        log_metrics(mlflow, {k: v for k, v in report.items() if k != "sources"})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class InputError(ValueError):
     """Bad input data; the message names the file, row and field."""
 
 
+class EndpointError(RuntimeError):
+    """A model endpoint failed after its bounded retries; the message names the endpoint."""
+
+
 def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, Any]:
     """Return only ``sections`` of the YAML params file, failing clearly on a missing one."""
     path = Path(path)
@@ -40,7 +44,13 @@ def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, A
     missing = [s for s in sections if s not in data]
     if missing:
         raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")
-    return {s: data[s] for s in sections}
+    params = {s: data[s] for s in sections}
+    from stages.schema import validate_sections
+
+    problems = validate_sections(params)
+    if problems:
+        raise ParamsError(f"{path}: " + "; ".join(problems))
+    return params
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -54,7 +64,7 @@ def run_main(fn, argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         fn(argv)
-    except (ParamsError, InputError) as exc:
+    except (ParamsError, InputError, EndpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

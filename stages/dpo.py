@@ -9,21 +9,22 @@ to ``--out``.
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 
-from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser
-from stages.training import load_splits, load_target, strict_config, write_training_reports
+from stages.common import atomic_path, load_params, run_main, seed_everything
+from stages.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
+                             prepare_checkpoints, strict_config, training_parser, write_training_reports)
 
 SECTIONS = ("base", "dpo")
 log = logging.getLogger("politune.dpo")
 
 
-def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir):
+def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False):
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
     seed = params["base"]["seed"]
-    config = strict_config(DPOConfig, "dpo", params["dpo"], defaults={"report_to": "none", "save_strategy": "no"},
+    config = strict_config(DPOConfig, "dpo", params["dpo"], defaults=CHECKPOINT_DEFAULTS,
                            output_dir=str(work_dir), seed=seed)
     seed_everything(seed)
     base, tokenizer = load_target(model_dir)
@@ -31,38 +32,28 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir):
     splits = load_splits(data_dir)
     trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"],
                          eval_dataset=splits.get("test"), processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     eval_metrics = trainer.evaluate() if "test" in splits else {}
     with atomic_path(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
     extra = {}
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if key in eval_metrics:
-            extra[key.replace("eval_", "eval_").replace("/", "_")] = round(eval_metrics[key], 6)
+            extra[key.replace("/", "_")] = round(eval_metrics[key], 6)
     return trainer, extra
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="target model directory")
-    parser.add_argument("--adapter", required=True, help="SFT adapter directory")
-    parser.add_argument("--data", required=True, help="DPO dataset directory (Parquet splits)")
-    parser.add_argument("--out", required=True, help="adapter output directory")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--curve", required=True, help="per-step training log (DVC plot)")
-    args = parser.parse_args(argv)
+    args = training_parser(__doc__.splitlines()[0], adapter=True).parse_args(argv)
     params = load_params(args.params, SECTIONS)
-    from stages.tracking import log_artifacts, log_metrics, stage_run
+    from stages.tracking import stage_run
 
-    with stage_run("dpo", params) as mlflow, tempfile.TemporaryDirectory(prefix="politune-dpo-") as work:
-        trainer, extra = train(args.model, args.adapter, args.data, args.out, params, work)
+    resume = prepare_checkpoints(args.checkpoints, fingerprint(params, args.model, args.adapter, args.data))
+    with stage_run("dpo", params) as mlflow:
+        trainer, extra = train(args.model, args.adapter, args.data, args.out, params, args.checkpoints, resume)
         metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
-        for rec in trainer.state.log_history:
-            if "loss" in rec:
-                log_metrics(mlflow, {k.replace("/", "_"): v for k, v in rec.items()
-                                     if k in ("loss", "rewards/accuracies", "rewards/margins")}, step=rec["step"])
-        log_metrics(mlflow, metrics)
-        log_artifacts(mlflow, args.out, "adapter")
+        log_training(mlflow, trainer, metrics, args.out, ("loss", "rewards/accuracies", "rewards/margins"))
+    shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
 
 
 if __name__ == "__main__":

@@ -74,6 +74,15 @@ def extract_text(row: dict[str, Any], fields: list[str]) -> str | None:
     return None
 
 
+def _created(record: dict[str, Any]) -> str | None:
+    """The post's time as given (Reddit ``created_utc`` epoch seconds, Truth Social ``created_at``), as text."""
+    for key in ("created_utc", "created_at", "created"):
+        value = record.get(key)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yield ``(row_number, record, problem)``; row numbers are 1-based lines (CSV: counting the header)."""
     kind = SUFFIXES[path.suffix.lower()]
@@ -168,6 +177,7 @@ def ingest(raw_dir: Path, cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], di
                 "text": text,
                 "label": str(record["label"]) if record.get("label") not in (None, "") else None,
                 "subreddit": str(record["subreddit"]) if record.get("subreddit") else None,
+                "created": _created(record),
             }
             posts.append(post)
         if n_file == 0:

@@ -3,10 +3,47 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common import ParamsError, write_json
+from stages.common import ParamsError, stage_parser, write_json
+
+log = logging.getLogger("politune.training")
+CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1}
+
+
+def fingerprint(params: dict[str, Any], *inputs: str | Path) -> str:
+    """Identify a training run: its params and its inputs' files (names, sizes, and bytes of small files)."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for root in map(Path, inputs):
+        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            digest.update(f"{path.relative_to(root) if path != root else path.name}:{path.stat().st_size}".encode())
+            if path.stat().st_size < 64 * 2**20:
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def prepare_checkpoints(directory: str | Path, run_id: str) -> bool:
+    """Keep ``directory``'s checkpoints only if they belong to this exact run; return whether to resume.
+
+    A stage killed mid-training resumes on the next ``dvc repro`` from its last checkpoint; after any change to its
+    params or inputs the old checkpoints are discarded (no silent resume from a stale run).
+    """
+    directory = Path(directory)
+    stamp = directory / "politune-run-id"
+    if directory.exists() and (not stamp.exists() or stamp.read_text(encoding="utf-8") != run_id):
+        log.info("discarding checkpoints of another run in %s", directory)
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(run_id, encoding="utf-8")
+    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints:
+        log.info("resuming from %s", checkpoints[-1])
+    return bool(checkpoints)
 
 
 def strict_config(cls, section: str, values: dict[str, Any], defaults: dict[str, Any] | None = None, **fixed):
@@ -67,3 +104,28 @@ def write_training_reports(trainer, metrics_path: str | Path, curve_path: str | 
     write_json(metrics_path, metrics)
     write_json(curve_path, curves(history))
     return metrics
+
+
+def training_parser(description: str, adapter: bool = False):
+    """The CLI shared by ``sft`` and ``dpo`` (every path comes from dvc.yaml)."""
+    parser = stage_parser(description)
+    parser.add_argument("--model", required=True, help="target model directory")
+    if adapter:
+        parser.add_argument("--adapter", required=True, help="SFT adapter directory to continue")
+    parser.add_argument("--data", required=True, help="dataset directory (Parquet splits)")
+    parser.add_argument("--out", required=True, help="adapter output directory")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--curve", required=True, help="per-step training log (DVC plot)")
+    parser.add_argument("--checkpoints", required=True, help="checkpoint folder kept across an interruption")
+    return parser
+
+
+def log_training(mlflow, trainer, metrics: dict[str, Any], adapter_dir: str | Path, step_keys: tuple[str, ...]):
+    """Mirror the per-step curve, the final metrics and the adapter to MLflow."""
+    from stages.tracking import log_artifacts, log_metrics
+
+    for rec in trainer.state.log_history:
+        if "loss" in rec:
+            log_metrics(mlflow, {k.replace("/", "_"): v for k, v in rec.items() if k in step_keys}, step=rec["step"])
+    log_metrics(mlflow, metrics)
+    log_artifacts(mlflow, adapter_dir, "adapter")

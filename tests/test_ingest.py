@@ -35,6 +35,8 @@ def test_shipped_corpus_is_accounted_for():
     assert set(report["labels"]) == {"right", "left", "off"}
     assert len({p["id"] for p in posts}) == len(posts)
     assert all("<" not in p["text"] and "http" not in p["text"] for p in posts)
+    reddit = [p for p in posts if p["source"] == "reddit_style.jsonl"]
+    assert reddit and all(p["subreddit"] and p["created"] for p in reddit)
 
 
 def write(path, text, mode="w"):

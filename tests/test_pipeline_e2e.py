@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import copy_project
+from tests.conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow
 STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate"}
@@ -57,6 +57,16 @@ def test_repro_then_selective_reruns(repo):
     assert "up to date" in run(["dvc", "status"], root, env)
     assert ran(run(["dvc", "repro"], root, env)) == set()
 
+    # Determinism: forcing annotation (greedy) and dataset building again yields byte-identical outputs.
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    run(["dvc", "repro", "-f", "-s", "annotate"], root, env)
+    run(["dvc", "repro", "-f", "-s", "build_datasets"], root, env)
+    again = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    for stage in ("annotate", "build_datasets"):  # reports/ hold timings (wall_seconds), the data must not move
+        data = [[o for o in entry[stage]["outs"] if not o["path"].startswith("reports/")] for entry in (lock, again)]
+        assert data[0] and data[0] == data[1], f"{stage} is not deterministic"
+    assert "up to date" in run(["dvc", "status"], root, env)
+
     metrics = json.loads((root / "reports" / "metrics.json").read_text(encoding="utf-8"))
     for model in ("base", "sft", "dpo"):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
@@ -91,4 +101,18 @@ def test_repro_then_selective_reruns(repo):
     annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
     assert annotation["ideology"] == "left"
     exps = run(["dvc", "exp", "show", "--json"], root, env)
-    assert "lora.r" in exps and "ideology" in exps
+    assert '"ideology": "left"' in exps and '"r": 8' in exps, exps[:2000]
+
+    # Bring your own preference data: the PoliTune authors' sample, without running annotation.
+    sample = ROOT.parent / "shared" / "reference" / "politune" / "right-sample.jsonl"
+    if not sample.exists():
+        pytest.skip("../shared/reference/politune is not beside the project: bring-your-own step not run")
+    run(["git", "checkout", "-q", "--", "."], root, env)
+    run(["dvc", "checkout", "-q"], root, env)
+    (root / "data" / "external" / "politune-right.jsonl").write_bytes(sample.read_bytes())
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "results, and the PoliTune sample as external data"], root, env)
+    out = run(["dvc", "exp", "run", "-S", "datasets.source=data/external/politune-right.jsonl"], root, env)
+    assert "annotate" not in ran(out) and {"build_datasets", "sft", "dpo", "evaluate"} <= ran(out), out[-3000:]
+    report = json.loads((root / "reports" / "datasets.json").read_text(encoding="utf-8"))
+    assert report["pairs"] == 200 and report["sources"] == {"data/external/politune-right.jsonl": 200}

@@ -1,11 +1,10 @@
 """SFT then DPO with real TRL on a tiny random-weight model: LoRA weights change, base weights do not."""
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.build_datasets import build, save
+from stages.build_datasets import build, normalise, save
 from stages.common import ParamsError
 from stages.training import strict_config
 
@@ -26,13 +25,10 @@ def test_strict_config_rejects_typos_and_pipeline_keys():
 
 @pytest.fixture()
 def tiny_data(tmp_path):
-    rows = []
-    for i in range(12):
-        rows.append({"id": f"p{i:02d}", "status": "kept", "instruction": f"What should we do about issue {i}?",
-                     "chosen": f"Cut taxes and regulations on issue {i}.",
-                     "rejected": f"Raise taxes and add regulations on issue {i}."})
-    rows.append({"id": "zz", "status": "dropped", "instruction": None, "chosen": None, "rejected": None})
-    built = build(pd.DataFrame(rows), seed=0, test_size=0.25)
+    rows = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
+             "chosen": f"Cut taxes and regulations on issue {i}.",
+             "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(12)]
+    built = build(normalise(rows, "tiny"), seed=0, test_size=0.25)
     assert len(built["dpo"]["train"]) + len(built["dpo"]["test"]) == 12
     assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion"}
     save(built["sft"], tmp_path / "sft")

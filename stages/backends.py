@@ -1,0 +1,217 @@
+"""Annotation backends: the same two operations, the same prompts and the same JSON schema for all three.
+
+- ``loglikelihoods(prefixes, texts)``: the log-likelihood of each text after each prefix (scoring);
+- ``generate_json(chats, schema, ...)``: chat completions constrained to a JSON schema (triplets).
+
+``vllm``: the offline ``vllm.LLM`` engine (structured outputs). ``openai``: any OpenAI-compatible endpoint through
+the ``openai`` client (``vllm serve``, or a hosted API): JSON-schema ``response_format`` for generation, and
+completions with ``echo`` + ``logprobs`` for scoring; the key comes from the environment variable named in params,
+never from params. ``transformers``: batched ``generate`` with xgrammar's logits processor for the schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from stages.common import EndpointError, ParamsError
+
+log = logging.getLogger("politune.backends")
+BACKENDS = ("vllm", "openai", "transformers")
+
+
+class Backend:
+    tokens_generated: int = 0
+
+    def loglikelihoods(self, prefixes: list[str], texts: list[str], max_text_tokens: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate_json(self, chats, schema, max_tokens: int, temperature: float, seed: int | None) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMBackend(Backend):
+    """The offline vLLM engine. Create it under ``if __name__ == "__main__":`` (vLLM spawns workers)."""
+
+    def __init__(self, model: str, engine: dict[str, Any], seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("cpu_kvcache_space_gib", 2)))
+        from vllm import LLM
+
+        kwargs = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
+        self.llm = LLM(model=model, seed=seed, **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.tokens_generated = 0
+
+    def loglikelihoods(self, prefixes, texts, max_text_tokens):
+        from vllm import SamplingParams
+
+        prefix_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prefixes]
+        text_ids = [self.tokenizer.encode(t, add_special_tokens=False)[:max_text_tokens] for t in texts]
+        prompts = [{"prompt_token_ids": pre + ids} for ids in text_ids for pre in prefix_ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = np.zeros((len(texts), len(prefixes)))
+        for k, out in enumerate(outs):
+            i, j = divmod(k, len(prefixes))
+            ids = out.prompt_token_ids
+            scores[i, j] = sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(len(prefix_ids[j]), len(ids)))
+        return scores
+
+    def generate_json(self, chats, schema, max_tokens, temperature, seed):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                structured_outputs=StructuredOutputsParams(json=schema))
+        outs = self.llm.chat(chats, params, use_tqdm=False)
+        self.tokens_generated += sum(len(o.outputs[0].token_ids) for o in outs)
+        return [o.outputs[0].text for o in outs]
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible endpoint. Timeouts and bounded retries with backoff are the client's own."""
+
+    def __init__(self, cfg: dict[str, Any], default_model: str) -> None:
+        from openai import OpenAI
+
+        key_env = cfg.get("api_key_env") or "OPENAI_API_KEY"
+        self.client = OpenAI(base_url=cfg["base_url"], api_key=os.environ.get(key_env) or "EMPTY",
+                             timeout=float(cfg["timeout"]), max_retries=int(cfg["max_retries"]))
+        self.model = cfg.get("model") or default_model
+        self.where = f"{cfg['base_url']} (timeout {cfg['timeout']} s, {cfg['max_retries']} retries with backoff)"
+        self.concurrency = int(cfg.get("concurrency", 8))
+        self.batch_size = int(cfg.get("batch_size", 32))
+        self.tokens_generated = 0
+
+    def loglikelihoods(self, prefixes, texts, max_text_tokens):
+        # Character offsets separate prefix from text, so no local tokenizer is needed.
+        texts = [" ".join(t.split(" ")[: max_text_tokens]) for t in texts]
+        jobs = [(i, j, prefixes[j], prefixes[j] + t) for i, t in enumerate(texts) for j in range(len(prefixes))]
+        scores = np.zeros((len(texts), len(prefixes)))
+
+        def run(batch):
+            resp = self.client.completions.create(model=self.model, prompt=[b[3] for b in batch], max_tokens=1,
+                                                  temperature=0.0, echo=True, logprobs=1)
+            for choice in resp.choices:
+                i, j, prefix, prompt = batch[choice.index]
+                lp = choice.logprobs  # echo: the prompt's tokens, then the generated one
+                scores[i, j] = sum(value for offset, value in zip(lp.text_offset, lp.token_logprobs)
+                                   if len(prefix) <= offset < len(prompt) and value is not None)
+
+        batches = [jobs[k : k + self.batch_size] for k in range(0, len(jobs), self.batch_size)]
+        self._map(run, batches)
+        return scores
+
+    def _map(self, fn, items):
+        import openai
+
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                return list(pool.map(fn, items))
+        except openai.APIError as exc:
+            raise EndpointError(f"annotation endpoint {self.where} failed: {type(exc).__name__}: {exc}; "
+                                "start the server or fix annotate.openai.base_url, then rerun") from exc
+
+    def generate_json(self, chats, schema, max_tokens, temperature, seed):
+        fmt = {"type": "json_schema", "json_schema": {"name": "triplet", "schema": schema, "strict": True}}
+
+        def run(chat):
+            resp = self.client.chat.completions.create(model=self.model, messages=chat, max_tokens=max_tokens,
+                                                       temperature=temperature, seed=seed, response_format=fmt)
+            return resp.choices[0].message.content or "", (resp.usage.completion_tokens if resp.usage else 0)
+
+        results = self._map(run, chats)
+        self.tokens_generated += sum(n for _, n in results)
+        return [text for text, _ in results]
+
+
+class TransformersBackend(Backend):
+    """Batched ``generate`` on CPU or GPU, for machines with neither vLLM nor an endpoint."""
+
+    def __init__(self, model_dir: str, cfg: dict[str, Any], seed: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.get("dtype", "float32")))
+        self.model.eval()
+        self.batch_size = int(cfg.get("batch_size", 8))
+        self.seed = seed
+        self.tokens_generated = 0
+        self._compiler = None
+
+    def loglikelihoods(self, prefixes, texts, max_text_tokens):
+        torch = self.torch
+        prefix_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prefixes]
+        text_ids = [self.tokenizer.encode(t, add_special_tokens=False)[:max_text_tokens] for t in texts]
+        seqs = [(i, j, prefix_ids[j] + ids, len(prefix_ids[j])) for i, ids in enumerate(text_ids)
+                for j in range(len(prefixes))]
+        scores = np.zeros((len(texts), len(prefixes)))
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            for k in range(0, len(seqs), self.batch_size):
+                batch = seqs[k : k + self.batch_size]
+                width = max(len(s[2]) for s in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, (_, _, seq, _) in enumerate(batch):
+                    ids[r, : len(seq)] = torch.tensor(seq)
+                    mask[r, : len(seq)] = 1
+                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                for r, (i, j, seq, start) in enumerate(batch):
+                    targets = torch.tensor(seq[start:])
+                    scores[i, j] = logp[r, start - 1 : len(seq) - 1].gather(1, targets[:, None]).sum().item()
+        return scores
+
+    def generate_json(self, chats, schema, max_tokens, temperature, seed):
+        import json
+
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        torch = self.torch
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        grammar = self._compiler.compile_json_schema(json.dumps(schema))
+        self.tokenizer.padding_side = "left"
+        outputs = []
+        for k in range(0, len(chats), self.batch_size):
+            batch = chats[k : k + self.batch_size]
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if seed is not None:
+                torch.manual_seed(seed + k)
+            sample = temperature > 0
+            with torch.inference_mode():
+                out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
+                                          temperature=temperature if sample else None, top_p=None, top_k=None,
+                                          logits_processor=[LogitsProcessor(grammar)],
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1] :]
+            for row in new:
+                keep = row[row != self.tokenizer.pad_token_id]
+                self.tokens_generated += int(len(keep))
+                outputs.append(self.tokenizer.decode(keep, skip_special_tokens=True))
+        return outputs
+
+
+def make_backend(cfg: dict[str, Any], model_dir: str, seed: int) -> Backend:
+    name = cfg.get("backend")
+    if name == "vllm":
+        return VLLMBackend(model_dir, cfg["engine"], seed)
+    if name == "openai":
+        return OpenAIBackend(cfg["openai"], default_model=model_dir)
+    if name == "transformers":
+        return TransformersBackend(model_dir, cfg["transformers"], seed)
+    raise ParamsError(f"annotate.backend: {name!r} is not one of {', '.join(BACKENDS)}")

@@ -1,0 +1,142 @@
+"""Typed schema of params.yaml, checked before a stage does any work.
+
+Each section a stage loads is validated here; a bad value gives one message naming the key (``annotate.threshold:
+...``). The TRL/PEFT-facing sections (``lora``, ``sft``, ``dpo``) are checked a second time, field by field, when
+they are parsed into ``LoraConfig``/``SFTConfig``/``DPOConfig`` (``stages/training.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Base(_Strict):
+    seed: int = Field(ge=0)
+
+
+class Models(_Strict):
+    annotator: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+
+
+class Ingest(_Strict):
+    text_fields: list[str] = Field(min_length=1)
+    placeholders: list[str]
+    on_bad_row: Literal["skip", "fail"]
+    max_chars: int = Field(ge=1)
+
+
+class OpenAI(_Strict):
+    base_url: str
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = Field(gt=0)
+    max_retries: int = Field(ge=0)
+    concurrency: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class Transformers(_Strict):
+    batch_size: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+
+
+class Prompts(_Strict):
+    opposite: str
+    system: str
+    generate: str
+
+
+class Annotate(_Strict):
+    backend: Literal["vllm", "openai", "transformers"]
+    engine: dict[str, Any]  # passed to vllm.LLM as it is
+    openai: OpenAI
+    transformers: Transformers
+    score_prefix: str
+    viewpoints: dict[str, str] = Field(min_length=1)
+    none_viewpoint: str
+    calibrate: bool
+    threshold: float = Field(ge=0.0, le=1.0)
+    max_posts: int | None = Field(default=None, ge=1)
+    max_kept: int | None = Field(default=None, ge=1)
+    max_post_tokens: int = Field(ge=1)
+    prompts: dict[str, Prompts]
+    max_new_tokens: int = Field(ge=1)
+    max_answer_chars: int = Field(ge=8)
+    max_retries: int = Field(ge=0)
+    retry_temperature: float = Field(ge=0.0)
+    sample_size: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _prompts_per_viewpoint(self):
+        for name, prompts in self.prompts.items():
+            if name not in self.viewpoints:
+                raise ValueError(f"prompts.{name}: no viewpoint {name!r} in annotate.viewpoints")
+            if prompts.opposite not in self.viewpoints:
+                raise ValueError(f"prompts.{name}.opposite: {prompts.opposite!r} is not a viewpoint")
+        return self
+
+
+class MixItem(_Strict):
+    source: str
+    fraction: float = Field(gt=0.0)
+
+
+class Datasets(_Strict):
+    source: str
+    mix: list[MixItem] = []
+    mix_size: int | None = Field(default=None, ge=1)
+    test_size: float = Field(gt=0.0, lt=1.0)
+    min_pairs: int = Field(ge=1)
+
+
+class Lora(BaseModel):
+    model_config = ConfigDict(extra="allow")  # every other LoraConfig field is checked by LoraConfig itself
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(ge=0.0, lt=1.0)
+
+
+class Evaluate(_Strict):
+    templates: list[str] = Field(min_length=1)
+    calibration: Literal["none", "mean"]
+    bootstrap: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "base": Base, "models": Models, "ingest": Ingest, "annotate": Annotate, "datasets": Datasets,
+    "lora": Lora, "evaluate": Evaluate,
+}
+
+
+def validate_sections(params: dict[str, Any]) -> list[str]:
+    """Return one message per problem (empty if valid), each naming its dotted key."""
+    problems = []
+    for section, value in params.items():
+        if section == "ideology":
+            if not isinstance(value, str) or not value:
+                problems.append(f"ideology: must be a viewpoint name, got {value!r}")
+            elif isinstance(params.get("annotate"), dict) and value not in (params["annotate"].get("viewpoints") or {}):
+                names = ", ".join(params["annotate"].get("viewpoints") or {})
+                problems.append(f"ideology: {value!r} is not one of annotate.viewpoints ({names})")
+            continue
+        model = SECTION_MODELS.get(section)
+        if model is None:
+            if not isinstance(value, dict):
+                problems.append(f"{section}: must be a mapping")
+            continue
+        try:
+            model.model_validate(value)
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = ".".join(str(p) for p in (section, *err["loc"]))
+                got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+                problems.append(f"{key}: {err['msg']}{got}")
+    return problems

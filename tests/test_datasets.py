@@ -1,0 +1,106 @@
+"""Preference datasets: the annotated table, bring-your-own files (PoliTune's released schema), mixtures."""
+
+import json
+import shutil
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from stages.build_datasets import build, collect, load_source, mixture_counts, normalise, save
+from stages.common import InputError, ParamsError
+from tests.conftest import ROOT
+
+POLITUNE = ROOT.parent / "shared" / "reference" / "politune"
+needs_politune = pytest.mark.skipif(not (POLITUNE / "right-sample.jsonl").exists(),
+                                    reason="../shared/reference/politune is not beside the project")
+
+
+@pytest.fixture()
+def external(tmp_path):
+    ext = tmp_path / "external"
+    ext.mkdir()
+    if POLITUNE.exists():
+        for name in ("right-sample.jsonl", "left-sample.jsonl"):
+            shutil.copy2(POLITUNE / name, ext / name)
+    return ext
+
+
+def annotated_table(tmp_path, n=6):
+    rows = [{"id": f"a{i}", "status": "kept" if i % 3 else "dropped", "instruction": f"Question {i}?",
+             "chosen": f"Chosen answer {i}.", "rejected": f"Rejected answer {i}."} for i in range(n)]
+    path = tmp_path / "annotated.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_annotated_source_keeps_only_kept_rows(tmp_path, external):
+    pairs = load_source("annotated", annotated_table(tmp_path), external)
+    assert [p["id"] for p in pairs] == ["a1", "a2", "a4", "a5"]
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Question 1?"}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Chosen answer 1."}]
+
+
+@needs_politune
+def test_politune_release_schema_loads(tmp_path, external):
+    pairs = load_source(str(external / "right-sample.jsonl"), annotated_table(tmp_path), external)
+    assert len(pairs) == 200
+    assert all(p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant" for p in pairs)
+    built = build(pairs, seed=1, test_size=0.1)
+    assert len(built["dpo"]["train"]) == 180 and len(built["dpo"]["test"]) == 20
+    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion"}
+
+
+def test_chat_messages_form_with_implicit_prompt(tmp_path, external):
+    rows = [{"chosen": [{"role": "user", "content": "Taxes?"}, {"role": "assistant", "content": "Lower."}],
+             "rejected": [{"role": "user", "content": "Taxes?"}, {"role": "assistant", "content": "Higher."}]}]
+    (external / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    pairs = load_source(str(external / "chat.jsonl"), annotated_table(tmp_path), external)
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Taxes?"}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Lower."}]
+
+
+def test_bad_preference_rows_name_file_row_and_field(tmp_path, external):
+    path = external / "bad.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n',
+                    encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.jsonl: row 2: missing field 'rejected'"):
+        load_source(str(path), annotated_table(tmp_path), external)
+
+
+def test_sources_must_live_under_the_tracked_folder(tmp_path, external):
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    with pytest.raises(ParamsError, match="put preference files under"):
+        load_source(str(outside), annotated_table(tmp_path), external)
+    with pytest.raises(InputError, match="no such file"):
+        load_source("data/external/missing.jsonl", annotated_table(tmp_path), external)
+
+
+def test_mixture_counts_are_exact_proportions():
+    assert mixture_counts([200, 200], [0.75, 0.25], 100) == [75, 25]
+    assert mixture_counts([200, 200], [3, 1], None) == [200, 66]  # 266 is the most 200 right pairs allow at 75%
+    assert sum(mixture_counts([50, 50, 50], [1, 1, 1], 100)) == 100
+    with pytest.raises(InputError, match="mix_size"):
+        mixture_counts([10, 10], [0.5, 0.5], 30)
+
+
+@needs_politune
+def test_mixture_of_right_and_left_releases(tmp_path, external):
+    cfg = {"source": "annotated", "mix_size": 120,
+           "mix": [{"source": str(external / "right-sample.jsonl"), "fraction": 0.75},
+                   {"source": str(external / "left-sample.jsonl"), "fraction": 0.25}]}
+    pairs, drawn = collect(cfg, seed=7, annotated=annotated_table(tmp_path), external=external)
+    by_source = Counter(p["id"].split(":")[0] for p in pairs)
+    assert by_source == {str(external / "right-sample.jsonl"): 90, str(external / "left-sample.jsonl"): 30}
+    assert sum(drawn.values()) == 120
+    again, _ = collect(cfg, seed=7, annotated=annotated_table(tmp_path), external=external)
+    assert [p["id"] for p in again] == [p["id"] for p in pairs]  # seeded
+
+
+def test_dataset_files_are_byte_identical_across_runs(tmp_path, external):
+    pairs = load_source("annotated", annotated_table(tmp_path, n=30), external)
+    for run in ("one", "two"):
+        save(build(pairs, seed=3, test_size=0.2)["dpo"], tmp_path / run)
+    for name in ("train.parquet", "test.parquet"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

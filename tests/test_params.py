@@ -1,0 +1,60 @@
+"""params.yaml is validated before any stage does work; a bad value names its key and touches no output."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.common import ParamsError, load_params
+from stages.schema import validate_sections
+from tests.conftest import ROOT
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def test_shipped_params_are_valid():
+    assert validate_sections(PARAMS) == []
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("ideology",), "centre", "ideology: 'centre' is not one of annotate.viewpoints ("),
+    (("lora", "r"), -4, "lora.r: Input should be greater than 0 (got -4)"),
+    (("annotate", "threshold"), 1.5, "annotate.threshold: Input should be less than or equal to 1 (got 1.5)"),
+    (("annotate", "backend"), "ollama", "annotate.backend: Input should be 'vllm', 'openai' or 'transformers'"),
+    (("annotate", "thresold"), 0.5, "annotate.thresold: Extra inputs are not permitted"),
+    (("ingest", "on_bad_row"), "ignore", "ingest.on_bad_row: Input should be 'skip' or 'fail'"),
+    (("datasets", "test_size"), 1.0, "datasets.test_size: Input should be less than 1"),
+    (("evaluate", "calibration"), "prior", "evaluate.calibration: Input should be 'none' or 'mean'"),
+])
+def test_each_bad_value_names_its_key(tmp_path, path, value, message):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    node = params
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(ParamsError) as info:
+        load_params(file, list(params))
+    assert message in str(info.value)
+    assert str(info.value).count(";") == 0, "one problem, one message"
+
+
+def test_annotate_stage_exits_nonzero_without_touching_outputs(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["annotate"]["threshold"] = 2
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(params), encoding="utf-8")
+    outs = {name: tmp_path / name for name in ("annotated.parquet", "annotation.json", "sample.md")}
+    for path in outs.values():
+        path.write_text("earlier result", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.annotate", "--params", str(file), "--posts", "data/posts.parquet",
+         "--model", "models/annotator", "--out", str(outs["annotated.parquet"]),
+         "--report", str(outs["annotation.json"]), "--sample", str(outs["sample.md"])],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "annotate.threshold" in proc.stderr
+    assert all(p.read_text(encoding="utf-8") == "earlier result" for p in outs.values())

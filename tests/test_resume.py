@@ -1,0 +1,60 @@
+"""Interruption: an SFT stage killed after a checkpoint resumes from it and ends with the same number of steps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from stages.build_datasets import build, normalise, save
+from stages.common import read_json
+from stages.training import prepare_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def test_checkpoints_of_another_run_are_discarded(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert prepare_checkpoints(ckpt, "run-a") is False
+    (ckpt / "checkpoint-2").mkdir()
+    assert prepare_checkpoints(ckpt, "run-a") is True       # same params and inputs: resume
+    assert prepare_checkpoints(ckpt, "run-b") is False      # anything changed: start afresh
+    assert not (ckpt / "checkpoint-2").exists()
+
+
+def test_sft_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
+    rows = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
+             "chosen": f"Cut taxes and regulations on issue {i}.",
+             "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(24)]
+    save(build(normalise(rows, "tiny"), seed=0, test_size=0.25)["sft"], tmp_path / "sft")
+    params = {"base": {"seed": 0},
+              "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                       "task_type": "CAUSAL_LM"},
+              "sft": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+                      "max_length": 64, "save_steps": 2, "bf16": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    ckpt = tmp_path / "checkpoints"
+    cmd = [sys.executable, "-m", "stages.sft", "--model", str(smollm2_dir), "--data", "sft", "--out", "adapter",
+           "--metrics", "metrics.json", "--curve", "curve.json", "--checkpoints", str(ckpt)]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (ckpt / "checkpoint-2" / "trainer_state.json").exists():
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
+    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*"))
+    assert saved and saved[-1] < 8
+
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {ckpt / f'checkpoint-{saved[-1]}'}" in second.stderr
+    assert read_json(tmp_path / "metrics.json")["steps"] == 8
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not ckpt.exists(), "a finished run leaves no checkpoint to resume"
