@@ -30,16 +30,19 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
                "sample": tmp_path / "sample.md"}
         cmd = [sys.executable, "-m", "stages.annotate", "--params", "params.yaml", "--posts", "posts.parquet",
                "--model", str(smollm2_dir)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
-        stage = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stage_log = tmp_path / "stage.log"
+        with stage_log.open("wb") as fh:  # a file, not a pipe: nobody reads while it runs
+            stage = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=fh)
         log = tmp_path / "serve.log"
         deadline = time.monotonic() + 120
         while "POST /v1/completions" not in log.read_text(errors="replace"):  # scoring has started
-            assert stage.poll() is None, stage.communicate()
+            assert stage.poll() is None, stage_log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the stage never reached the endpoint"
             time.sleep(0.5)
         time.sleep(2)
         os.killpg(server.pid, signal.SIGKILL)
-        _, stderr = stage.communicate(timeout=180)
+        stage.wait(timeout=180)
+        stderr = stage_log.read_text(errors="replace")
     finally:
         stop_process_group(server)
     assert stage.returncode == 1, stderr[-3000:]

@@ -25,25 +25,43 @@ def test_checkpoints_of_another_run_are_discarded(tmp_path):
     assert not (ckpt / "checkpoint-2").exists()
 
 
+ROWS = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
+         "chosen": f"Cut taxes and regulations on issue {i}.",
+         "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(24)]
+TRAIN = {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+         "max_length": 64, "save_steps": 2, "bf16": False}
+PARAMS = {"base": {"seed": 0}, "sft": TRAIN, "dpo": TRAIN,
+          "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                   "task_type": "CAUSAL_LM"}}
+
+
 def test_sft_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
-    rows = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
-             "chosen": f"Cut taxes and regulations on issue {i}.",
-             "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(24)]
-    save(build(normalise(rows, "tiny"), seed=0, test_size=0.25)["sft"], tmp_path / "sft")
-    params = {"base": {"seed": 0},
-              "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                       "task_type": "CAUSAL_LM"},
-              "sft": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
-                      "max_length": 64, "save_steps": 2, "bf16": False}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    save(build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)["sft"], tmp_path / "sft")
+    kill_and_resume(tmp_path, ["stages.sft", "--model", str(smollm2_dir), "--data", "sft"])
+
+
+def test_dpo_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
+    from stages import sft
+
+    built = build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)
+    save(built["sft"], tmp_path / "sft")
+    save(built["dpo"], tmp_path / "dpo")
+    sft.train(smollm2_dir, tmp_path / "sft", tmp_path / "sft_adapter", dict(PARAMS, sft=dict(TRAIN, max_steps=1)),
+              tmp_path / "sft_work")
+    kill_and_resume(tmp_path, ["stages.dpo", "--model", str(smollm2_dir), "--adapter", "sft_adapter", "--data", "dpo"])
+
+
+def kill_and_resume(tmp_path, stage_args):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS), encoding="utf-8")
     ckpt = tmp_path / "checkpoints"
-    cmd = [sys.executable, "-m", "stages.sft", "--model", str(smollm2_dir), "--data", "sft", "--out", "adapter",
-           "--metrics", "metrics.json", "--curve", "curve.json", "--checkpoints", str(ckpt)]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    cmd = [sys.executable, "-m", *stage_args, "--out", "adapter", "--metrics", "metrics.json", "--curve",
+           "curve.json", "--checkpoints", str(ckpt)]
+    log = tmp_path / "first.log"
+    with log.open("wb") as fh:  # a file, not a pipe: nobody reads while it trains
+        first = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (ckpt / "checkpoint-2" / "trainer_state.json").exists():
-        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert first.poll() is None, log.read_text(errors="replace")[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
