@@ -2,7 +2,9 @@
 
 Backends (``annotate.backend``, see ``stages/backends.py``): ``vllm`` (default), ``openai``, ``transformers``.
 
-Step 1, scoring. A small model follows rating instructions poorly (SmolLM2-135M gives every post the same digit), so
+Step 1, scoring, ``annotate.score_method``. ``json``: the annotator rates each post as JSON constrained to a schema
+(an integer 0-10 and a short reason), retried like the triplets; the score is the rating / 10. ``likelihood`` (the
+default for the small CPU model): a small model follows rating instructions poorly (SmolLM2-135M gives every post the same digit), so
 the score comes from token probabilities instead: the annotator reads each post after one prefix per viewpoint
 (every ideology in ``annotate.viewpoints`` plus ``none``), and the post's log-likelihood under each prefix gives a
 generative classifier. With ``calibrate: true`` each viewpoint's mean log-likelihood over the corpus is subtracted
@@ -32,6 +34,34 @@ SECTIONS = ("ideology", "base", "annotate")
 log = logging.getLogger("politune.annotate")
 
 TRIPLET_FIELDS = ("instruction", "chosen", "rejected")
+SCORE_RANGE = (0, 10)
+
+
+def score_schema() -> dict[str, Any]:
+    low, high = SCORE_RANGE
+    return {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": low, "maximum": high},
+                       "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
+        "required": ["score", "reason"],
+        "additionalProperties": False,
+    }
+
+
+def parse_score(text: str) -> dict[str, Any] | None:
+    """Validate one generated JSON rating; ``None`` if it does not hold."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or set(obj) != {"score", "reason"}:
+        return None
+    score, reason = obj["score"], obj["reason"]
+    if isinstance(score, bool) or not isinstance(score, int) or not SCORE_RANGE[0] <= score <= SCORE_RANGE[1]:
+        return None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 200:
+        return None
+    return {"score": score, "reason": " ".join(reason.split())}
 
 
 def triplet_schema(max_chars: int) -> dict[str, Any]:
@@ -84,56 +114,91 @@ def build_chat(cfg: dict[str, Any], ideology: str, post: str) -> list[dict[str, 
     ]
 
 
-def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
-    """Return the annotated table (every post, with its status) and the report."""
-    t0 = time.perf_counter()
-    names = list(cfg["viewpoints"]) + ["none"]
-    prefixes = [cfg["score_prefix"].format(viewpoint=cfg["viewpoints"][n]) for n in cfg["viewpoints"]]
-    prefixes.append(cfg["score_prefix"].format(viewpoint=cfg["none_viewpoint"]))
-    texts = posts["text"].tolist()
-    loglik = backend.loglikelihoods(prefixes, texts, cfg["max_post_tokens"])
-    probs = viewpoint_probabilities(loglik, cfg["calibrate"])
-    table = posts.copy()
-    table["score"] = probs[:, names.index(ideology)].round(6)
-    table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
-    keep = table["score"] >= cfg["threshold"]
-    if cfg.get("max_kept"):
-        order = table[keep].sort_values(["score", "id"], ascending=[False, True]).index[: cfg["max_kept"]]
-        keep = table.index.isin(order)
-    table["status"] = np.where(keep, "pending", "dropped")
-    for name in TRIPLET_FIELDS:
-        table[name] = None
-    schema = triplet_schema(cfg["max_answer_chars"])
-    pending = list(table.index[keep])
-    retries = 0
+def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: dict[str, Any], seed: int):
+    """Schema-constrained generation with bounded retries: returns ({key: parsed}, retries, [keys never valid]).
+
+    The first attempt is greedy; each retry samples at ``retry_temperature`` with its own seed.
+    """
+    done, pending, retries = {}, list(chats), 0
     for attempt in range(cfg["max_retries"] + 1):
         if not pending:
             break
         if attempt:
             retries += len(pending)
-        chats = [build_chat(cfg, ideology, table.at[i, "text"]) for i in pending]
         temperature = 0.0 if attempt == 0 else cfg["retry_temperature"]
-        outputs = backend.generate_json(chats, schema, cfg["max_new_tokens"], temperature, seed + attempt)
+        outputs = backend.generate_json([chats[k] for k in pending], schema, cfg["max_new_tokens"], temperature,
+                                        seed + attempt)
         still = []
-        for i, text in zip(pending, outputs):
-            triplet = parse_triplet(text, cfg["max_answer_chars"])
-            if triplet is None:
-                still.append(i)
-                continue
-            for name in TRIPLET_FIELDS:
-                table.at[i, name] = triplet[name]
-            table.at[i, "status"] = "kept"
+        for key, text in zip(pending, outputs):
+            parsed = parse(text)
+            if parsed is None:
+                still.append(key)
+            else:
+                done[key] = parsed
         pending = still
-    table.loc[pending, "status"] = "invalid"
+    return done, retries, pending
+
+
+def json_scores(table, backend, ideology: str, cfg: dict[str, Any], seed: int):
+    """``score_method: json``: the annotator rates each post as JSON {score: 0..10, reason}; returns [0, 1] scores."""
+    low, high = SCORE_RANGE
+    prompts = cfg["prompts"][ideology]
+    chats = {i: [{"role": "system", "content": prompts["system"].format(viewpoint=cfg["viewpoints"][ideology])},
+                 {"role": "user", "content": prompts["score"].format(post=table.at[i, "text"], low=low, high=high,
+                                                                     viewpoint=cfg["viewpoints"][ideology])}]
+             for i in table.index}
+    done, retries, failed = generate_validated(backend, chats, score_schema(), parse_score, cfg, seed)
+    scores = np.array([done[i]["score"] / high if i in done else np.nan for i in table.index])
+    reasons = [done[i]["reason"] if i in done else None for i in table.index]
+    return scores, reasons, retries, failed
+
+
+def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
+    """Return the annotated table (every post, with its status) and the report."""
+    t0 = time.perf_counter()
+    table = posts.copy()
+    names = list(cfg["viewpoints"]) + ["none"]
+    retries, score_invalid = 0, []
+    if cfg["score_method"] == "json":
+        scores, reasons, retries, score_invalid = json_scores(table, backend, ideology, cfg, seed)
+        table["score"] = scores
+        table["reason"] = reasons
+        table["viewpoint"] = None
+    else:
+        prefixes = [cfg["score_prefix"].format(viewpoint=cfg["viewpoints"][n]) for n in cfg["viewpoints"]]
+        prefixes.append(cfg["score_prefix"].format(viewpoint=cfg["none_viewpoint"]))
+        loglik = backend.loglikelihoods(prefixes, table["text"].tolist(), cfg["max_post_tokens"])
+        probs = viewpoint_probabilities(loglik, cfg["calibrate"])
+        table["score"] = probs[:, names.index(ideology)].round(6)
+        table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
+    keep = (table["score"] >= cfg["threshold"]).to_numpy()
+    if cfg.get("max_kept"):
+        order = table[keep].sort_values(["score", "id"], ascending=[False, True]).index[: cfg["max_kept"]]
+        keep = table.index.isin(order)
+    table["status"] = np.where(keep, "pending", "dropped")
+    table.loc[score_invalid, "status"] = "invalid"
+    for name in TRIPLET_FIELDS:
+        table[name] = None
+    chats = {i: build_chat(cfg, ideology, table.at[i, "text"]) for i in table.index[keep]}
+    done, triplet_retries, failed = generate_validated(
+        backend, chats, triplet_schema(cfg["max_answer_chars"]),
+        lambda text: parse_triplet(text, cfg["max_answer_chars"]), cfg, seed)
+    for i, triplet in done.items():
+        for name in TRIPLET_FIELDS:
+            table.at[i, name] = triplet[name]
+        table.at[i, "status"] = "kept"
+    table.loc[failed, "status"] = "invalid"
     kept = table[table["status"] == "kept"]
     wall = time.perf_counter() - t0
     report = {
         "ideology": ideology,
+        "score_method": cfg["score_method"],
         "posts_in": int(len(table)),
         "kept": int(len(kept)),
         "dropped": int((table["status"] == "dropped").sum()),
         "invalid": int((table["status"] == "invalid").sum()),
-        "retries": int(retries),
+        "invalid_scores": len(score_invalid),
+        "retries": int(retries + triplet_retries),
         "mean_score_kept": round(float(kept["score"].mean()), 4) if len(kept) else None,
         "tokens_generated": int(backend.tokens_generated),
         "wall_seconds": round(wall, 2),
@@ -147,7 +212,7 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
                 "mean_score": round(float(group["score"].mean()), 4),
                 "kept_rate": round(float((group["status"] != "dropped").mean()), 4),
                 "viewpoint_match": round(float((group["viewpoint"] == label).mean()), 4)
-                if label in names else None,
+                if label in names and cfg["score_method"] == "likelihood" else None,
             }
         report["quality"] = quality
     return table, report

@@ -50,6 +50,7 @@ class Transformers(_Strict):
 class Prompts(_Strict):
     opposite: str
     system: str
+    score: str
     generate: str
 
 
@@ -58,6 +59,7 @@ class Annotate(_Strict):
     engine: dict[str, Any]  # passed to vllm.LLM as it is
     openai: OpenAI
     transformers: Transformers
+    score_method: Literal["likelihood", "json"]
     score_prefix: str
     viewpoints: dict[str, str] = Field(min_length=1)
     none_viewpoint: str

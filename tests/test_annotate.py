@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.annotate import annotate, parse_triplet, triplet_schema, viewpoint_probabilities
+from stages.annotate import annotate, parse_score, parse_triplet, triplet_schema, viewpoint_probabilities
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -23,6 +23,14 @@ def test_parse_triplet_validates_the_schema():
     assert parse_triplet(json.dumps(good), 10) is None
     schema = triplet_schema(400)
     assert schema["required"] == ["instruction", "chosen", "rejected"] and not schema["additionalProperties"]
+
+
+def test_parse_score_validates_the_schema():
+    assert parse_score('{"score": 7, "reason": "Argues for lower taxes."}') == {"score": 7,
+                                                                              "reason": "Argues for lower taxes."}
+    for bad in ('{"score": 11, "reason": "x"}', '{"score": -1, "reason": "x"}', '{"score": 7.5, "reason": "x"}',
+                '{"score": true, "reason": "x"}', '{"score": 7}', '{"score": 7, "reason": ""}', "7/10"):
+        assert parse_score(bad) is None, bad
 
 
 def test_viewpoint_probabilities_calibration():
@@ -75,3 +83,13 @@ def test_vllm_annotation_real_engine(smollm2_dir):
     # Same posts, same seed, greedy: identical annotation (deterministic outputs for DVC).
     table2, _ = annotate(posts, backend, "right", cfg, seed=0)
     pd.testing.assert_frame_equal(table, table2)
+
+    # score_method json: a schema-constrained rating (integer 0-10 and a reason) instead of token probabilities.
+    json_cfg = dict(cfg, score_method="json", threshold=0.0)
+    table3, report3 = annotate(posts, backend, "right", json_cfg, seed=0)
+    assert report3["score_method"] == "json"
+    assert report3["kept"] + report3["dropped"] + report3["invalid"] == report3["posts_in"] == 8
+    rated = table3[table3["score"].notna()]
+    assert len(rated) >= 6 and rated["score"].between(0, 1).all()
+    assert (rated["score"] * 10).round(6).eq((rated["score"] * 10).round()).all()  # integer ratings
+    assert rated["reason"].map(lambda r: isinstance(r, str) and 0 < len(r) <= 200).all()
