@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.backends import BACKENDS, make_backend
-from stages.common import InputError, ParamsError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
+from stages.backends import make_backend
+from stages.common import InputError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
 
 SECTIONS = ("ideology", "base", "annotate")
 log = logging.getLogger("politune.annotate")
@@ -228,20 +227,6 @@ def sample_markdown(table, n: int) -> str:
     return "\n".join(lines)
 
 
-def validate(ideology: Any, cfg: dict[str, Any]) -> None:
-    viewpoints = cfg.get("viewpoints") or {}
-    if ideology not in viewpoints:
-        raise ParamsError(f"ideology: {ideology!r} is not one of annotate.viewpoints ({', '.join(viewpoints)})")
-    if ideology not in cfg.get("prompts", {}):
-        raise ParamsError(f"annotate.prompts.{ideology}: no prompts for this ideology")
-    if cfg.get("backend") not in BACKENDS:
-        raise ParamsError(f"annotate.backend: {cfg.get('backend')!r} is not one of {', '.join(BACKENDS)}")
-    if not 0.0 <= float(cfg.get("threshold", -1)) <= 1.0:
-        raise ParamsError(f"annotate.threshold must be within [0, 1], got {cfg.get('threshold')!r}")
-    if int(cfg.get("max_retries", -1)) < 0:
-        raise ParamsError("annotate.max_retries must be >= 0")
-
-
 def main(argv=None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--posts", required=True)
@@ -252,7 +237,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     ideology, base, cfg = params["ideology"], params["base"], params["annotate"]
-    validate(ideology, cfg)
     import pandas as pd
 
     from stages.tracking import log_artifacts, log_metrics, stage_run

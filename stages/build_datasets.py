@@ -167,14 +167,6 @@ def save(dataset_dict, out_dir: str | Path) -> None:
             split.to_parquet(str(tmp / f"{name}.parquet"))
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    if not 0.0 < float(cfg.get("test_size", 0)) < 1.0:
-        raise ParamsError(f"datasets.test_size must be in (0, 1), got {cfg.get('test_size')!r}")
-    for n, m in enumerate(cfg.get("mix") or []):
-        if not isinstance(m, dict) or "source" not in m or float(m.get("fraction", 0)) <= 0:
-            raise ParamsError(f"datasets.mix[{n}] needs a 'source' and a positive 'fraction'")
-
-
 def main(argv=None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--annotated", required=True, help="annotate stage output (source 'annotated')")
@@ -185,7 +177,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     cfg, seed = params["datasets"], params["base"]["seed"]
-    validate(cfg)
     from stages.tracking import log_metrics, stage_run
 
     pairs, drawn = collect(cfg, seed, args.annotated, args.external)

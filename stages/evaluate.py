@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import ParamsError, atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
+from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
 from stages.compass import Compass, load_compass
 
 SECTIONS = ("base", "evaluate")
@@ -121,16 +121,6 @@ def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: st
     plt.close(fig)
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    if cfg.get("calibration") not in ("none", "mean"):
-        raise ParamsError(f"evaluate.calibration must be 'none' or 'mean', got {cfg.get('calibration')!r}")
-    templates = cfg.get("templates") or []
-    if not templates or any("{statement}" not in t for t in templates):
-        raise ParamsError("evaluate.templates must be a non-empty list of strings that contain {statement}")
-    if int(cfg.get("bootstrap", 0)) < 1:
-        raise ParamsError("evaluate.bootstrap must be >= 1")
-
-
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int):
     """Return (summaries per model, items x options probabilities per model)."""
     import torch
@@ -199,7 +189,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     cfg, seed = params["evaluate"], params["base"]["seed"]
-    validate(cfg)
     compass = load_compass(args.compass)
     from stages.tracking import log_artifacts, log_metrics, stage_run
 

@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from stages.common import InputError, ParamsError, atomic_path, load_params, run_main, stage_parser, write_json
+from stages.common import InputError, atomic_path, load_params, run_main, stage_parser, write_json
 
 SECTIONS = ("ingest",)
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -200,15 +200,6 @@ def ingest(raw_dir: Path, cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], di
     return posts, report
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    if cfg.get("on_bad_row") not in ("skip", "fail"):
-        raise ParamsError(f"ingest.on_bad_row must be 'skip' or 'fail', got {cfg.get('on_bad_row')!r}")
-    if not isinstance(cfg.get("max_chars"), int) or cfg["max_chars"] < 1:
-        raise ParamsError("ingest.max_chars must be a positive integer")
-    if not cfg.get("text_fields"):
-        raise ParamsError("ingest.text_fields must list at least one field name")
-
-
 def main(argv=None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--raw", required=True, help="folder of raw post files")
@@ -216,7 +207,6 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="ingest report (JSON)")
     args = parser.parse_args(argv)
     cfg = load_params(args.params, SECTIONS)["ingest"]
-    validate(cfg)
     posts, report = ingest(Path(args.raw), cfg)
     if not posts:
         raise InputError(f"{args.raw}: no usable post after cleaning ({report['skipped']}); add posts to the folder")

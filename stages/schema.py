@@ -111,6 +111,13 @@ class Evaluate(_Strict):
     bootstrap: int = Field(ge=1)
     batch_size: int = Field(ge=1)
 
+    @model_validator(mode="after")
+    def _templates_hold_the_statement(self):
+        for n, template in enumerate(self.templates):
+            if "{statement}" not in template:
+                raise ValueError(f"templates[{n}] must contain {{statement}}")
+        return self
+
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {
     "base": Base, "models": Models, "ingest": Ingest, "annotate": Annotate, "datasets": Datasets,
@@ -125,9 +132,13 @@ def validate_sections(params: dict[str, Any]) -> list[str]:
         if section == "ideology":
             if not isinstance(value, str) or not value:
                 problems.append(f"ideology: must be a viewpoint name, got {value!r}")
-            elif isinstance(params.get("annotate"), dict) and value not in (params["annotate"].get("viewpoints") or {}):
-                names = ", ".join(params["annotate"].get("viewpoints") or {})
-                problems.append(f"ideology: {value!r} is not one of annotate.viewpoints ({names})")
+            elif isinstance(params.get("annotate"), dict):
+                annotate = params["annotate"]
+                if value not in (annotate.get("viewpoints") or {}):
+                    names = ", ".join(annotate.get("viewpoints") or {})
+                    problems.append(f"ideology: {value!r} is not one of annotate.viewpoints ({names})")
+                elif value not in (annotate.get("prompts") or {}):
+                    problems.append(f"ideology: {value!r} has no prompts in annotate.prompts")
             continue
         model = SECTION_MODELS.get(section)
         if model is None:

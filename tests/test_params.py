@@ -26,6 +26,8 @@ def test_shipped_params_are_valid():
     (("ingest", "on_bad_row"), "ignore", "ingest.on_bad_row: Input should be 'skip' or 'fail'"),
     (("datasets", "test_size"), 1.0, "datasets.test_size: Input should be less than 1"),
     (("evaluate", "calibration"), "prior", "evaluate.calibration: Input should be 'none' or 'mean'"),
+    (("evaluate", "templates"), ["Agree?"], "evaluate: Value error, templates[0] must contain {statement}"),
+    (("annotate", "prompts"), {}, "ideology: 'right' has no prompts in annotate.prompts"),
 ])
 def test_each_bad_value_names_its_key(tmp_path, path, value, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
