@@ -59,6 +59,7 @@ def test_transformers_backend(smollm2_dir):
 
 def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
     """A recognisable fake key in the environment ends up in no output, MLflow param or tag, log or tracked file."""
+    import secrets
     import subprocess
     import sys
 
@@ -67,7 +68,7 @@ def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
     from stages.ingest import ingest
 
     base_url, model, _ = vllm_server
-    key = "sk-politune-FAKE-0123456789abcdef"
+    key = "sk-politune-FAKE-" + secrets.token_hex(12)  # made at run time: no file can hold it by accident
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     posts, _ = ingest(ROOT / "data" / "raw", params["ingest"])
     pd.DataFrame(posts[:6]).to_parquet(tmp_path / "posts.parquet")
