@@ -11,6 +11,7 @@ propositions gives 95% intervals.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 from pathlib import Path
@@ -134,33 +135,21 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[st
     option_ids = option_token_ids(tokenizer)
     prompts = [t.format(statement=s) for t in cfg["templates"] for s in compass.statements]
     shape = (len(cfg["templates"]), len(compass), 4)
-    model = base
-    for i, (name, path) in enumerate(adapters.items()):
-        model = PeftModel.from_pretrained(base, path, adapter_name=name) if i == 0 else model
-        if i:
-            model.load_adapter(path, adapter_name=name)
+    (first, first_path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
     model.eval()
     probs, summaries = {}, {}
     for name in MODELS:
-        if name == "base":
-            ctx = model.disable_adapter() if adapters else _null()
-        else:
+        if name != "base":
             model.set_adapter(name)
-            ctx = _null()
-        with ctx:
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             lp = option_logprobs(model, tokenizer, prompts, option_ids, int(cfg["batch_size"])).reshape(shape)
         probs[name] = answer_probabilities(lp, cfg["calibration"])
         summaries[name] = summarise(compass, probs[name], int(cfg["bootstrap"]), seed)
         log.info("%s: %s", name, {k: summaries[name][k] for k in ("economic", "social", "distinct_answers")})
     return summaries, probs
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def write_answer_table(path, compass: Compass, probs: dict[str, np.ndarray]) -> None:
