@@ -3,23 +3,40 @@
 The SFT adapter is loaded as a trainable ``PeftModel`` (stacked on the base model, not merged). TRL copies it into a
 frozen ``ref`` adapter, so the reference policy is the SFT model and no second model is loaded. The ``dpo`` params
 section is parsed strictly into ``trl.DPOConfig``. The trained adapter (base + this adapter = the DPO model) is saved
-to ``--out``.
+to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``dpo.save_steps`` steps)
+is saved to ``<trajectory>/step-N`` for the evaluate stage's compass trajectory. Snapshots are kept with the
+checkpoints while training, so a resumed run still has the ones before the interruption.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from pathlib import Path
 
 from stages.common import atomic_path, load_params, run_main, seed_everything
 from stages.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
-                             prepare_checkpoints, strict_config, training_parser, write_training_reports)
+                             is_main_process, prepare_checkpoints, strict_config, training_parser,
+                             write_training_reports)
 
-SECTIONS = ("base", "dpo")
+SECTIONS = ("base", "launch", "dpo")
 log = logging.getLogger("politune.dpo")
 
 
-def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False):
+def snapshot_callback(directory: Path):
+    """A TrainerCallback that saves the trained adapter (not the frozen ref) at every checkpoint to ``step-N``."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                model.save_pretrained(directory / f"step-{state.global_step}", selected_adapters=["default"])
+
+    return Snapshots()
+
+
+def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False, trajectory_dir=None):
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
@@ -31,11 +48,18 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=Fa
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     splits = load_splits(data_dir)
     trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"],
-                         eval_dataset=splits.get("test"), processing_class=tokenizer)
+                         eval_dataset=splits.get("test"), processing_class=tokenizer,
+                         callbacks=[snapshot_callback(Path(work_dir) / "trajectory")] if trajectory_dir else None)
     trainer.train(resume_from_checkpoint=True if resume else None)
     eval_metrics = trainer.evaluate() if "test" in splits else {}
+    if not trainer.is_world_process_zero():
+        return trainer, {}
     with atomic_path(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+    if trajectory_dir:
+        snapshots = Path(work_dir) / "trajectory"
+        with atomic_path(trajectory_dir) as tmp:
+            shutil.copytree(snapshots, tmp) if snapshots.is_dir() else tmp.mkdir()
     extra = {}
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if key in eval_metrics:
@@ -44,16 +68,22 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=Fa
 
 
 def main(argv=None) -> None:
-    args = training_parser(__doc__.splitlines()[0], adapter=True).parse_args(argv)
+    parser = training_parser(__doc__.splitlines()[0], adapter=True)
+    parser.add_argument("--trajectory", help="folder for adapter snapshots at every checkpoint (step-N)")
+    args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     from stages.tracking import stage_run
 
     resume = prepare_checkpoints(args.checkpoints, fingerprint(params, args.model, args.adapter, args.data))
-    with stage_run("dpo", params) as mlflow:
-        trainer, extra = train(args.model, args.adapter, args.data, args.out, params, args.checkpoints, resume)
-        metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
-        log_training(mlflow, trainer, metrics, args.out, ("loss", "rewards/accuracies", "rewards/margins"))
-    shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
+    main_process = is_main_process()
+    with stage_run("dpo", params, args.params) if main_process else contextlib.nullcontext() as mlflow:
+        trainer, extra = train(args.model, args.adapter, args.data, args.out, params, args.checkpoints, resume,
+                              args.trajectory)
+        if main_process:  # under `accelerate launch`, one process writes the outputs
+            metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
+            log_training(mlflow, trainer, metrics, args.out, ("loss", "rewards/accuracies", "rewards/margins"))
+    if main_process:
+        shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ class Datasets(_Strict):
     min_pairs: int = Field(ge=1)
 
 
+class Launch(_Strict):
+    training: str = Field(min_length=1)
+
+
 class Lora(BaseModel):
     model_config = ConfigDict(extra="allow")  # every other LoraConfig field is checked by LoraConfig itself
     r: int = Field(gt=0)
@@ -105,23 +109,78 @@ class Lora(BaseModel):
     lora_dropout: float = Field(ge=0.0, lt=1.0)
 
 
+class Generate(_Strict):
+    templates: list[str] = Field(min_length=1)
+    samples: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    max_new_tokens: int = Field(ge=1)
+    classify: str
+
+    @model_validator(mode="after")
+    def _placeholders(self):
+        _require(self.templates, "{statement}")
+        if "{statement}" not in self.classify or "{answer}" not in self.classify:
+            raise ValueError("classify must contain {statement} and {answer}")
+        return self
+
+
+def _require(templates: list[str], placeholder: str) -> None:
+    for n, template in enumerate(templates):
+        if placeholder not in template:
+            raise ValueError(f"templates[{n}] must contain {placeholder}")
+
+
 class Evaluate(_Strict):
+    elicitation: Literal["forced_choice", "generate"]
     templates: list[str] = Field(min_length=1)
     calibration: Literal["none", "mean"]
+    generate: Generate
     bootstrap: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    trajectory: bool
 
     @model_validator(mode="after")
     def _templates_hold_the_statement(self):
-        for n, template in enumerate(self.templates):
-            if "{statement}" not in template:
-                raise ValueError(f"templates[{n}] must contain {{statement}}")
+        _require(self.templates, "{statement}")
+        return self
+
+
+class Endpoint(_Strict):
+    base_url: str | None = None  # null: a local `vllm serve` of the judge model, started and stopped by the stage
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = Field(gt=0)
+    max_retries: int = Field(ge=0)
+    concurrency: int = Field(ge=1)
+
+
+class Judge(_Strict):
+    prompts: list[str] = Field(min_length=1)
+    samples: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    method: Literal["logprobs", "json"]
+    low: int
+    high: int
+    system: str
+    rubric: str
+    endpoint: Endpoint
+    serve: dict[str, Any]  # `vllm serve` options, as --flags
+    startup_timeout: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _scale(self):
+        if not 0 <= self.low < self.high <= 9:
+            raise ValueError("low < high, both single digits (0-9)")
+        if "{answer}" not in self.rubric or "{prompt}" not in self.rubric:
+            raise ValueError("rubric must contain {prompt} and {answer}")
         return self
 
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {
     "base": Base, "models": Models, "ingest": Ingest, "annotate": Annotate, "datasets": Datasets,
-    "lora": Lora, "evaluate": Evaluate,
+    "launch": Launch, "lora": Lora, "evaluate": Evaluate, "judge": Judge,
 }
 
 

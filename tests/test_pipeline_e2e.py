@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow
-STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate"}
+STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge"}
 
 
 def run(cmd, cwd, env):
@@ -31,8 +31,9 @@ def tiny_params(params, model_dir):
     params["datasets"].update(min_pairs=4, test_size=0.25)
     small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "logging_steps": 1}
     params["sft"].update(small)
-    params["dpo"].update(small)
+    params["dpo"].update(small, save_steps=1)
     params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
+    params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
     return params
 
 
@@ -72,6 +73,14 @@ def test_repro_then_selective_reruns(repo):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
         assert -10 <= metrics[model]["economic"] <= 10 and -10 <= metrics[model]["social"] <= 10
     assert (root / "reports" / "compass.png").stat().st_size > 10_000
+    trajectory = json.loads((root / "reports" / "trajectory.json").read_text(encoding="utf-8"))
+    assert [r["step"] for r in trajectory] == [0, 1, 2]  # the SFT start, then every dpo.save_steps
+    assert trajectory[0]["economic"] == metrics["sft"]["economic"]
+    assert trajectory[-1]["economic"] == metrics["dpo"]["economic"], "the last snapshot is the DPO model"
+    judged = json.loads((root / "reports" / "judge.json").read_text(encoding="utf-8"))
+    for model in ("base", "sft", "dpo"):
+        assert judged[model]["scored"] == 3 and 1 <= judged[model]["score"] <= 7, judged
+    assert len((root / "reports" / "judge_answers.csv").read_text(encoding="utf-8").splitlines()) >= 10
     annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
     assert annotation["kept"] + annotation["dropped"] + annotation["invalid"] == annotation["posts_in"] == 16
     shown = run(["dvc", "metrics", "show", "--json"], root, env)
@@ -89,12 +98,13 @@ def test_repro_then_selective_reruns(repo):
     assert by_stage["annotate"].data.params["ideology"] == "right"
     assert "base.economic" in by_stage["evaluate"].data.metrics
     assert "kept" in by_stage["annotate"].data.metrics
+    assert "dpo.score" in by_stage["judge"].data.metrics
 
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "baseline results"], root, env)
 
     out = run(["dvc", "exp", "run", "-S", "lora.r=8"], root, env)
-    assert ran(out) == {"sft", "dpo", "evaluate"}, out[-3000:]
+    assert ran(out) == {"sft", "dpo", "evaluate", "judge"}, out[-3000:]
 
     out = run(["dvc", "exp", "run", "-S", "ideology=left"], root, env)
     assert "annotate" in ran(out) and not {"prepare_models", "ingest"} & ran(out), out[-3000:]
@@ -113,6 +123,6 @@ def test_repro_then_selective_reruns(repo):
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "results, and the PoliTune sample as external data"], root, env)
     out = run(["dvc", "exp", "run", "-S", "datasets.source=data/external/politune-right.jsonl"], root, env)
-    assert "annotate" not in ran(out) and {"build_datasets", "sft", "dpo", "evaluate"} <= ran(out), out[-3000:]
+    assert "annotate" not in ran(out) and {"build_datasets", "sft", "dpo", "evaluate", "judge"} <= ran(out), out[-3000:]
     report = json.loads((root / "reports" / "datasets.json").read_text(encoding="utf-8"))
     assert report["pairs"] == 200 and report["sources"] == {"data/external/politune-right.jsonl": 200}
