@@ -245,7 +245,7 @@ def main(argv=None) -> None:
     posts = pd.read_parquet(args.posts)
     if cfg.get("max_posts"):
         posts = posts.head(int(cfg["max_posts"]))
-    with stage_run("annotate", params) as mlflow:
+    with stage_run("annotate", params, args.params) as mlflow:
         backend = make_backend(cfg, args.model, base["seed"])
         table, report = annotate(posts, backend, ideology, cfg, base["seed"])
         report["backend"] = cfg["backend"]

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         raise InputError(
             f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg['min_pairs']}; "
             "lower annotate.threshold, add posts to data/raw, choose another datasets.source, or lower min_pairs")
-    with stage_run("build_datasets", params) as mlflow:
+    with stage_run("build_datasets", params, args.params) as mlflow:
         built = build(pairs, seed, float(cfg["test_size"]))
         save(built["sft"], args.sft_out)
         save(built["dpo"], args.dpo_out)

@@ -214,7 +214,7 @@ def main(argv=None) -> None:
 
     from stages.tracking import log_metrics, stage_run
 
-    with stage_run("ingest", {"ingest": cfg}) as mlflow:
+    with stage_run("ingest", {"ingest": cfg}, args.params) as mlflow:
         with atomic_path(args.out) as tmp:
             pd.DataFrame(posts).to_parquet(tmp, index=False)
         write_json(args.report, report)

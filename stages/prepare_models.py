@@ -81,7 +81,7 @@ def main(argv=None) -> None:
             raise ParamsError(f"models.{key} must name a model source (pkg:..., a directory or a hub id)")
     from stages.tracking import log_metrics, stage_run
 
-    with stage_run("prepare_models", {"models": models}) as mlflow:
+    with stage_run("prepare_models", {"models": models}, args.params) as mlflow:
         report = {
             "annotator": materialise(models["annotator"], args.annotator_out),
             "target": materialise(models["target"], args.target_out),

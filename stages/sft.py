@@ -6,14 +6,16 @@ adapter (not the merged model) is saved to ``--out``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 
 from stages.common import atomic_path, load_params, run_main, seed_everything
 from stages.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
-                             prepare_checkpoints, strict_config, training_parser, write_training_reports)
+                             is_main_process, prepare_checkpoints, strict_config, training_parser,
+                             write_training_reports)
 
-SECTIONS = ("base", "lora", "sft")
+SECTIONS = ("base", "launch", "lora", "sft")
 log = logging.getLogger("politune.sft")
 
 
@@ -32,6 +34,8 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
                          eval_dataset=splits.get("test"), processing_class=tokenizer, peft_config=lora)
     trainer.train(resume_from_checkpoint=True if resume else None)
     eval_metrics = trainer.evaluate() if "test" in splits else {}
+    if not trainer.is_world_process_zero():
+        return trainer, {}
     with atomic_path(out_dir) as tmp:
         trainer.model.save_pretrained(tmp)
     return trainer, {"eval_loss": round(eval_metrics["eval_loss"], 6)} if eval_metrics else {}
@@ -43,11 +47,14 @@ def main(argv=None) -> None:
     from stages.tracking import stage_run
 
     resume = prepare_checkpoints(args.checkpoints, fingerprint(params, args.model, args.data))
-    with stage_run("sft", params) as mlflow:
+    main_process = is_main_process()
+    with stage_run("sft", params, args.params) if main_process else contextlib.nullcontext() as mlflow:
         trainer, extra = train(args.model, args.data, args.out, params, args.checkpoints, resume)
-        metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
-        log_training(mlflow, trainer, metrics, args.out, ("loss",))
-    shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
+        if main_process:  # under `accelerate launch`, one process writes the outputs
+            metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
+            log_training(mlflow, trainer, metrics, args.out, ("loss",))
+    if main_process:
+        shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
 
 
 if __name__ == "__main__":

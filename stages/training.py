@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,24 @@ def fingerprint(params: dict[str, Any], *inputs: str | Path) -> str:
     return digest.hexdigest()
 
 
+def is_main_process() -> bool:
+    """True in a plain run, and in rank 0 of an ``accelerate launch``/``torchrun`` (which set ``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_checkpoints(directory: str | Path, run_id: str) -> bool:
     """Keep ``directory``'s checkpoints only if they belong to this exact run; return whether to resume.
 
     A stage killed mid-training resumes on the next ``dvc repro`` from its last checkpoint; after any change to its
-    params or inputs the old checkpoints are discarded (no silent resume from a stale run).
+    params or inputs the old checkpoints are discarded (no silent resume from a stale run). Under several processes
+    only the main one changes the folder; the others reach the same decision from the stamp without touching it.
     """
     directory = Path(directory)
     stamp = directory / "politune-run-id"
-    if directory.exists() and (not stamp.exists() or stamp.read_text(encoding="utf-8") != run_id):
+    same_run = stamp.exists() and stamp.read_text(encoding="utf-8") == run_id
+    if not is_main_process():
+        return same_run and any(directory.glob("checkpoint-*"))
+    if directory.exists() and not same_run:
         log.info("discarding checkpoints of another run in %s", directory)
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)

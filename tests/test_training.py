@@ -1,5 +1,7 @@
 """SFT then DPO with real TRL on a tiny random-weight model: LoRA weights change, base weights do not."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,7 +49,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
         "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                 "max_length": 64, "bf16": False},
         "dpo": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
-                "max_length": 64, "beta": 0.1, "bf16": False},
+                "max_length": 64, "beta": 0.1, "bf16": False, "save_steps": 2},
     }
     trainer, _ = sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
     assert trainer.state.global_step == 3
@@ -56,8 +58,13 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     assert lora_b and all(sft_weights[k].abs().sum() > 0 for k in lora_b), "SFT did not move LoRA B (init zero)"
 
     trainer, extra = dpo.train(tiny_model_dir, tmp_path / "sft_adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
-                               params, tmp_path / "w2")
+                               params, tmp_path / "w2", trajectory_dir=tmp_path / "trajectory")
     assert trainer.state.global_step == 3
+    # Snapshots of the trained adapter at every checkpoint (save_steps 2, and the last step), for the trajectory.
+    snapshots = sorted(p.name for p in (tmp_path / "trajectory").iterdir())
+    assert snapshots == ["step-2", "step-3"], snapshots
+    step2 = load_file(tmp_path / "trajectory" / "step-2" / "adapter_model.safetensors")
+    assert set(step2) == set(sft_weights) and not (tmp_path / "trajectory" / "step-2" / "ref").exists()
     assert "ref" in trainer.model.peft_config, "TRL should keep a frozen copy of the SFT adapter as reference"
     dpo_weights = load_file(tmp_path / "dpo_adapter" / "adapter_model.safetensors")
     assert set(dpo_weights) == set(sft_weights)
@@ -74,3 +81,41 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
         key = name if name in base_in_memory else name.replace(".weight", ".base_layer.weight")
         if key in base_in_memory:
             assert torch.equal(base_in_memory[key].detach(), tensor), f"base weight {name} changed"
+
+
+def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
+    """Two CPU processes (gloo DDP), as `launch.training: torchrun --nproc_per_node 2` runs them: one adapter, one
+    report, written by rank 0 only; the global batch is twice the per-device one."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from stages.serve import free_port
+
+    params = {"base": {"seed": 0}, "launch": {"training": "torchrun"},
+              "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                       "task_type": "CAUSAL_LM"},
+              "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+                      "max_length": 64, "bf16": False, "use_cpu": True, "ddp_backend": "gloo"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "stages.sft",
+           "--params", "params.yaml", "--model", str(tiny_model_dir), "--data", str(tiny_data / "sft"),
+           "--out", "adapter", "--metrics", "metrics.json", "--curve", "curve.json", "--checkpoints", "ck"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and not (tmp_path / "ck").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["steps"] == 2
+    curve = json.loads((tmp_path / "curve.json").read_text(encoding="utf-8"))
+    train_size = len(__import__("pandas").read_parquet(tiny_data / "sft" / "train.parquet"))
+    # 2 processes x 2 examples per step: ceil(ceil(n / 2) / 2) steps per epoch (1 process: ceil(n / 2)).
+    steps_per_epoch = math.ceil(math.ceil(train_size / 2) / 2)
+    assert abs(curve[0]["epoch"] - 1 / steps_per_epoch) < 1e-5, (curve[0], train_size)
+    assert proc.stdout.count("'train_runtime'") + proc.stderr.count("'train_runtime'") == 1

@@ -1,0 +1,222 @@
+"""Team workflows against real servers on loopback: an `mlflow server`, a queued DVC sweep, `dvc metrics diff`
+between commits, and an S3 remote (moto's standalone server, as DVC's own tests use) with push, cache wipe, pull.
+
+One tiny pipeline is built once for the module; the tests then run in file order on it.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.serve import free_port
+from stages.tracking import repo_root
+from tests.conftest import copy_project
+from tests.test_pipeline_e2e import STAGES, ran, run, tiny_params
+
+FAKE_SECRET = "politune-fake-s3-secret-" + hashlib.sha256(os.urandom(8)).hexdigest()[:12]
+
+
+def test_queued_experiment_copies_log_to_the_main_repository(monkeypatch, tmp_path):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"))
+    assert repo_root() == tmp_path / "repo"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert repo_root() == tmp_path / "repo"
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """An `mlflow server` (SQLite backend, proxied artifacts) and a moto S3 server, both on loopback."""
+    from stages.serve import stop
+
+    tmp = tmp_path_factory.mktemp("servers")
+    procs, urls = [], {}
+    bindir = Path(sys.executable).parent
+    mlflow_port, s3_port = free_port(), free_port()
+    specs = {
+        "mlflow": ([str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                    "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
+                    str(tmp / "artifacts"), "--workers", "1"], f"http://127.0.0.1:{mlflow_port}"),
+        "s3": ([str(bindir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], f"http://127.0.0.1:{s3_port}"),
+    }
+    try:
+        for name, (cmd, url) in specs.items():
+            log = tmp / f"{name}.log"
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            wait_http(url + ("/health" if name == "mlflow" else "/"), proc, log)
+            urls[name] = url
+        yield urls
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def team_repo(tmp_path_factory, smollm2_dir, servers):
+    """A tiny politune repo, run once and committed, tracking to the MLflow server."""
+    root = copy_project(tmp_path_factory.mktemp("team") / "repo")
+    params = tiny_params(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), smollm2_dir)
+    params["evaluate"]["trajectory"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP", "AWS_"))}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               MLFLOW_TRACKING_URI=servers["mlflow"], POLITUNE_MLFLOW_EXPERIMENT="team")
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny politune"], root, env)
+    assert ran(run(["dvc", "repro"], root, env)) == STAGES
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline results"], root, env)
+    return root, env
+
+
+@pytest.mark.slow
+def test_queued_sweep(team_repo):
+    root, env = team_repo
+    run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8"], root, env)
+    assert run(["dvc", "queue", "status"], root, env).count("Queued") == 2
+    run(["dvc", "queue", "start", "-j", "1"], root, env)
+    deadline = time.monotonic() + 1500
+    while True:
+        status = run(["dvc", "queue", "status"], root, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    ranks = set()
+    for exp in exps:
+        for run_ in exp["revs"]:
+            data = run_["data"]
+            ranks.add(data["params"]["params.yaml"]["data"]["lora"]["r"])
+            metrics = data["metrics"]["reports/metrics.json"]["data"]
+            assert {"economic", "social", "economic_ci_low"} <= set(metrics["dpo"])
+            assert "score" in data["metrics"]["reports/judge.json"]["data"]["dpo"]
+    assert ranks == {4, 8}
+    table = run(["dvc", "exp", "show", "--no-pager", "--md", "--only-changed", "--keep", "dpo.economic",
+                 "--keep", "dpo.social", "--keep", "lora.r"], root, env)
+    assert "lora.r" in table and "dpo.economic" in table, table
+
+
+@pytest.mark.slow
+def test_metrics_diff_between_commits(team_repo):
+    root, env = team_repo
+    names = run(["dvc", "exp", "ls", "--name-only"], root, env).split()
+    assert len(names) == 2, names
+    run(["dvc", "exp", "apply", names[0]], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", f"adopt experiment {names[0]}"], root, env)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], root, env))
+    compass = diff["reports/metrics.json"]
+    for key in ("base.economic", "dpo.economic", "dpo.social", "dpo.economic_ci_low", "sft.distinct_answers"):
+        assert {"old", "new"} <= set(compass[key]), compass.get(key)
+    now = json.loads((root / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    assert compass["dpo.economic"]["new"] == now["dpo"]["economic"]
+    assert compass["base.economic"]["diff"] == 0, "the base model did not change"
+    assert {"old", "new"} <= set(diff["reports/judge.json"]["dpo.score"])
+    # The metrics files are small and flat per model, with a stable key order.
+    text = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
+    assert len(text) < 4000 and list(json.loads(text)) == ["base", "sft", "dpo"]
+    plots = run(["dvc", "plots", "diff", "HEAD~1", "--json"], root, env)
+    assert "compass_points.json" in plots
+
+
+@pytest.mark.slow
+def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=servers["mlflow"])
+    exp = client.get_experiment_by_name("team")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"]
+    names = {p.data.tags["dvc.exp_name"] for p in parents}
+    assert "workspace" in names and len(names) == 3, names  # dvc repro, and the two queued experiments
+    by_id = {p.info.run_id: p for p in parents}
+    children = [r for r in runs if "politune.stage" in r.data.tags]
+    for child in children:
+        assert child.data.tags.get("mlflow.parentRunId") in by_id, child.data.tags
+        assert child.data.tags["git.commit"] == by_id[child.data.tags["mlflow.parentRunId"]].data.tags["git.commit"]
+    workspace = next(p for p in parents if p.data.tags["dvc.exp_name"] == "workspace")
+    stages = {c.data.tags["politune.stage"]: c for c in children
+              if c.data.tags["mlflow.parentRunId"] == workspace.info.run_id}
+    assert set(stages) == STAGES
+    for queued in (p for p in parents if p.data.tags["dvc.exp_name"] != "workspace"):
+        mine = {c.data.tags["politune.stage"] for c in children
+                if c.data.tags["mlflow.parentRunId"] == queued.info.run_id}
+        assert mine == {"sft", "dpo", "evaluate", "judge"}, mine
+    # The adapter is logged as files (safetensors + config), not a pickled model.
+    files = {a.path for a in client.list_artifacts(stages["dpo"].info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, files
+    assert stages["evaluate"].data.metrics["dpo.economic"] is not None
+
+
+def digests(root: Path) -> dict[str, str]:
+    out = {}
+    for base in ("data/posts.parquet", "data/annotated.parquet", "data/datasets", "models/sft", "models/dpo"):
+        path = root / base
+        for f in sorted([path] if path.is_file() else path.rglob("*")):
+            if f.is_file():
+                out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.slow
+def test_s3_remote_push_wipe_pull(team_repo, servers):
+    import boto3
+
+    root, env = team_repo
+    env = dict(env, AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=servers["s3"], aws_access_key_id="AKIAFAKE", aws_secret_access_key=FAKE_SECRET,
+                 region_name="us-east-1").create_bucket(Bucket="politune-team")
+    run(["dvc", "remote", "add", "-d", "team", "s3://politune-team/dvc"], root, env)
+    run(["dvc", "remote", "modify", "team", "endpointurl", servers["s3"]], root, env)
+    # Credentials only in the git-ignored local config (or the environment), never in .dvc/config.
+    run(["dvc", "remote", "modify", "--local", "team", "access_key_id", "AKIAFAKE"], root, env)
+    run(["dvc", "remote", "modify", "--local", "team", "secret_access_key", FAKE_SECRET], root, env)
+    run(["git", "add", ".dvc/config"], root, env)
+    run(["git", "commit", "-qm", "team remote"], root, env)
+    assert FAKE_SECRET not in (root / ".dvc" / "config").read_text(encoding="utf-8")
+    assert FAKE_SECRET in (root / ".dvc" / "config.local").read_text(encoding="utf-8")
+    run(["git", "check-ignore", "-q", ".dvc/config.local"], root, env)
+    tracked = run(["git", "ls-files"], root, env).split()
+    assert not [f for f in tracked if FAKE_SECRET in (root / f).read_text(encoding="utf-8", errors="replace")]
+
+    before = digests(root)
+    assert len(before) >= 8, before
+    run(["dvc", "push"], root, env)
+    shutil.rmtree(root / ".dvc" / "cache")
+    for base in ("data/posts.parquet", "data/annotated.parquet", "data/datasets", "models"):
+        path = root / base
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert "deleted" in run(["dvc", "status"], root, env)
+    run(["dvc", "pull"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env)
+    assert digests(root) == before
