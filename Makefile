@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env repro test test-fast clean-env
+.PHONY: env repro test test-fast bench clean-env
 
 env: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: env
 
 test-fast: env
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v -m "not slow"
+
+# Benchmarks (figures in reports/bench.json); needs the default pipeline's outputs, so it runs `repro` first.
+bench: repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.run
 
 clean-env:
 	rm -rf $(VENV)

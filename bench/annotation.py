@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--backends", nargs="+", default=["vllm", "transformers", "transformers-b1"])
     parser.add_argument("--transformers-batch", type=int, default=16)
-    parser.add_argument("--transformers-max-n", type=int, default=64, help="cap N for the slow transformers runs")
+    parser.add_argument("--transformers-max-n", type=int, default=64, help="cap N for the batched transformers runs")
+    parser.add_argument("--b1-max-n", type=int, default=64, help="cap N for the transformers batch-1 runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     with open(args.params, encoding="utf-8") as fh:
@@ -64,7 +65,8 @@ def main() -> None:
             start = 0.0
         runs = []
         for n in args.n:
-            if name != "vllm" and n > args.transformers_max_n:
+            cap = {"vllm": None, "transformers-b1": args.b1_max_n}.get(name, args.transformers_max_n)
+            if cap is not None and n > cap:
                 continue
             runs.append(measure(backend, texts_for(n), cfg, args.max_tokens))
             print(name, runs[-1], flush=True)

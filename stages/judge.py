@@ -180,6 +180,8 @@ def main(argv=None) -> None:
     cfg, seed = params["judge"], params["base"]["seed"]
     from stages.tracking import log_artifacts, log_metrics, stage_run
 
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     seed_everything(seed)
     with stage_run("judge", params, args.params) as mlflow:
         rows, summary = judge(args.model, {"sft": args.sft, "dpo": args.dpo}, args.judge_model, cfg, seed)

@@ -1,6 +1,7 @@
 """The judge, for real: a `vllm serve` on loopback behind the openai client; a dead endpoint; the stage's own server."""
 
 import os
+import secrets
 import subprocess
 import sys
 import urllib.request
@@ -80,12 +81,15 @@ def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir
     cmd = [sys.executable, "-m", "stages.judge", "--params", "params.yaml", "--model", str(tiny_model_dir),
            "--sft", str(tiny_adapters / "sft"), "--dpo", str(tiny_adapters / "dpo"), "--judge-model", "unused",
            "--metrics", "judge.json", "--answers", "judge_answers.csv"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    key = "sk-politune-FAKE-" + secrets.token_hex(12)  # the judge's key, only in the environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "OPENAI_API_KEY": key}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: judge endpoint http://127.0.0.1:{port}/v1 (timeout 2") and "retries" in last, last
     assert not (tmp_path / "judge.json").exists() and not (tmp_path / "judge_answers.csv").exists()
+    assert key not in proc.stdout + proc.stderr, "the error must not echo the key"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
 
 
 @pytest.mark.slow

@@ -92,8 +92,11 @@ def test_repro_then_selective_reruns(repo):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("politune")
     runs = client.search_runs([exp.experiment_id])
-    by_stage = {r.data.tags["politune.stage"]: r for r in runs}
+    by_stage = {r.data.tags["politune.stage"]: r for r in runs if "politune.stage" in r.data.tags}
     assert set(by_stage) == STAGES
+    parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].data.tags["dvc.exp_name"] == "workspace"
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in by_stage.values())
     assert by_stage["sft"].data.params["lora.r"] == "16"
     assert by_stage["annotate"].data.params["ideology"] == "right"
     assert "base.economic" in by_stage["evaluate"].data.metrics

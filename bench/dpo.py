@@ -1,0 +1,114 @@
+"""DPO step time: the default target model, LoRA continuing the SFT adapter, batch 4, max length 256.
+
+Each configuration runs in a process of its own (so peak memory is its own) for the same steps on the same data
+and seed, and reports seconds per optimiser step (steady state, the first step excluded, plus any one-off
+precomputation spread over the steps), peak RSS, the final training loss and the loss on the test split.
+
+    python -m bench.dpo --configs default optimised --steps 12 --out bench-out/dpo.json
+
+Configurations (``CONFIGS``): ``default`` is TRL's DPOConfig in fp32 (only ``bf16: false``, which CPU requires);
+``optimised`` adds bf16 autocast on CPU (``use_cpu`` + ``bf16``, when the CPU has AVX512-BF16 or AMX) and
+``precompute_ref_log_probs`` (the frozen reference's log-probabilities computed once, not every step); the others
+isolate one change each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "default": {"bf16": False},
+    "precompute": {"bf16": False, "precompute_ref_log_probs": True},
+    "bf16": {"use_cpu": True, "bf16": True},
+    "optimised": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": True},
+}
+
+
+def cpu_has_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def run_one(name: str, args) -> dict:
+    """Train ``args.steps`` DPO steps under configuration ``name``; runs inside its own process."""
+    from peft import PeftModel
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from stages.common import seed_everything
+    from stages.training import load_splits, load_target
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter())
+
+    seed_everything(0)
+    base, tokenizer = load_target(args.model)
+    model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
+    splits = load_splits(args.data)
+    config = DPOConfig(output_dir=str(Path(args.work) / name), max_steps=args.steps, per_device_train_batch_size=4,
+                       max_length=256, learning_rate=5e-5, beta=0.1, logging_steps=1, save_strategy="no",
+                       report_to="none", seed=0, **CONFIGS[name])
+    clock = Clock()
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["test"],
+                         processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    total = time.perf_counter() - t0
+    steady = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    evaluation = trainer.evaluate()
+    return {"config": CONFIGS[name], "steps": trainer.state.global_step,
+            "seconds_per_step": round(steady, 3), "seconds_per_step_all_in": round(total / args.steps, 3),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "final_loss": round(float(sum(losses[-3:]) / len(losses[-3:])), 4),
+            "eval_loss": round(float(evaluation["eval_loss"]), 4),
+            "eval_reward_accuracy": round(float(evaluation.get("eval_rewards/accuracies", float("nan"))), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/target")
+    parser.add_argument("--adapter", default="models/sft")
+    parser.add_argument("--data", default="data/datasets/dpo")
+    parser.add_argument("--configs", nargs="+", default=["default", "optimised"], choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--work", default="bench-out/dpo-work")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
+        return
+    results = {"cpu_bf16": cpu_has_bf16()}
+    for name in args.configs:
+        if CONFIGS[name].get("bf16") and not results["cpu_bf16"]:
+            print(f"{name}: skipped, this CPU has no bf16 instructions", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "bench.dpo", "--one", name] + [a for k in ("model", "adapter", "data", "work")
+                                                                     for a in (f"--{k}", getattr(args, k))]
+        cmd += ["--steps", str(args.steps), "--out", args.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[len("RESULT "):])
+        print(name, results[name], flush=True)
+    if "default" in results and "optimised" in results:
+        results["speedup_optimised_vs_default"] = round(
+            results["default"]["seconds_per_step_all_in"] / results["optimised"]["seconds_per_step_all_in"], 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
