@@ -18,10 +18,11 @@ import yaml
 from stages.annotate import build_chat, triplet_schema
 
 
-def measure(backend, texts, cfg, max_tokens):
+def measure(backend, texts, cfg, max_tokens, score=True):
     prefixes = [cfg["score_prefix"].format(viewpoint=v) for v in cfg["viewpoints"].values()]
     t0 = time.perf_counter()
-    backend.loglikelihoods(prefixes, texts, cfg["max_post_tokens"])
+    if score:
+        backend.loglikelihoods(prefixes, texts, cfg["max_post_tokens"])
     t_score = time.perf_counter() - t0
     chats = [build_chat(cfg, "right", t) for t in texts]
     before = backend.tokens_generated
@@ -29,7 +30,7 @@ def measure(backend, texts, cfg, max_tokens):
     backend.generate_json(chats, triplet_schema(cfg["max_answer_chars"]), max_tokens, 0.0, 0)
     t_gen = time.perf_counter() - t0
     tokens = backend.tokens_generated - before
-    return {"n": len(texts), "score_seconds": round(t_score, 2), "generate_seconds": round(t_gen, 2),
+    return {"n": len(texts), "score_seconds": round(t_score, 2) if score else None, "generate_seconds": round(t_gen, 2),
             "prompts_per_second": round(len(texts) / t_gen, 3), "generated_tokens": tokens,
             "generated_tokens_per_second": round(tokens / t_gen, 1)}
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--transformers-batch", type=int, default=16)
     parser.add_argument("--transformers-max-n", type=int, default=64, help="cap N for the batched transformers runs")
     parser.add_argument("--b1-max-n", type=int, default=64, help="cap N for the transformers batch-1 runs")
+    parser.add_argument("--no-score", action="store_true", help="time generation only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     with open(args.params, encoding="utf-8") as fh:
@@ -68,7 +70,7 @@ def main() -> None:
             cap = {"vllm": None, "transformers-b1": args.b1_max_n}.get(name, args.transformers_max_n)
             if cap is not None and n > cap:
                 continue
-            runs.append(measure(backend, texts_for(n), cfg, args.max_tokens))
+            runs.append(measure(backend, texts_for(n), cfg, args.max_tokens, score=not args.no_score))
             print(name, runs[-1], flush=True)
         results[name] = {"engine_start_seconds": round(start, 1), "runs": runs}
         del backend

@@ -36,7 +36,7 @@ def annotation(args) -> dict:
     out = Path(args.work) / "annotation.json"
     run([sys.executable, "-m", "bench.annotation", "--n", *map(str, args.annotation_n), "--max-tokens",
          str(args.max_tokens), "--transformers-max-n", str(args.transformers_max_n), "--b1-max-n",
-         str(args.b1_max_n), "--out", str(out)])
+         str(args.b1_max_n), "--out", str(out)] + (["--no-score"] if args.no_score else []))
     raw = read_json(out)
 
     def at(backend, n):
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--transformers-max-n", type=int, default=256, help="largest N for batched transformers")
     parser.add_argument("--b1-max-n", type=int, default=64, help="largest N for transformers batch 1")
+    parser.add_argument("--no-score", action="store_true", help="annotation: time generation only")
     parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "optimised"])
     parser.add_argument("--dpo-steps", type=int, default=12)
     parser.add_argument("--exp-rank", type=int, default=8, help="lora.r of the `dvc exp run` timed (0: skip)")
