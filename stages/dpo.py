@@ -1,7 +1,10 @@
 """Stage ``dpo``: DPO with TRL's ``DPOTrainer``, continuing the SFT LoRA adapter.
 
-The SFT adapter is loaded as a trainable ``PeftModel`` (stacked on the base model, not merged). TRL copies it into a
-frozen ``ref`` adapter, so the reference policy is the SFT model and no second model is loaded. The ``dpo`` params
+With ``recipe.dpo_start: sft`` (the paper's recipe) the SFT adapter is loaded as a trainable ``PeftModel`` (stacked
+on the base model, not merged). TRL copies it into a frozen ``ref`` adapter, so the reference policy is the SFT model
+and no second model is loaded. With ``recipe.dpo_start: base`` (the ablation "DPO without SFT") DPO trains a fresh
+adapter with the SFT adapter's LoRA config on the base model, and TRL uses the base model (adapter disabled) as the
+reference. The ``dpo`` params
 section is parsed strictly into ``trl.DPOConfig``. The trained adapter (base + this adapter = the DPO model) is saved
 to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``dpo.save_steps`` steps)
 is saved to ``<trajectory>/step-N`` for the evaluate stage's compass trajectory. Snapshots are kept with the
@@ -20,7 +23,7 @@ from stages.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load
                              is_main_process, prepare_checkpoints, strict_config, training_parser,
                              write_training_reports)
 
-SECTIONS = ("base", "launch", "dpo")
+SECTIONS = ("base", "launch", "recipe", "dpo")
 log = logging.getLogger("politune.dpo")
 
 
@@ -37,7 +40,7 @@ def snapshot_callback(directory: Path):
 
 
 def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False, trajectory_dir=None):
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from trl import DPOConfig, DPOTrainer
 
     seed = params["base"]["seed"]
@@ -45,9 +48,13 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=Fa
                            output_dir=str(work_dir), seed=seed)
     seed_everything(seed)
     base, tokenizer = load_target(model_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    if params["recipe"]["dpo_start"] == "sft":
+        model, peft_config = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), None
+    else:  # a fresh adapter of the same shape as the SFT one; the SFT weights are not used
+        model, peft_config = base, LoraConfig.from_pretrained(adapter_dir)
+        peft_config.inference_mode = False
     splits = load_splits(data_dir)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"],
+    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
                          callbacks=[snapshot_callback(Path(work_dir) / "trajectory")] if trajectory_dir else None)
     trainer.train(resume_from_checkpoint=True if resume else None)

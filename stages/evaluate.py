@@ -191,12 +191,13 @@ def write_answer_table(path, compass: Compass, probs: dict[str, np.ndarray]) -> 
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["item", "statement"] + [f"{m}_answer" for m in probs] + [f"{m}_expected" for m in probs]
-                            + ["changed_base_to_dpo"])
+                            + ["changed_base_to_dpo"] + [f"{m}_p{k}" for m in probs for k in range(4)])
             for i, statement in enumerate(compass.statements):
                 answers = {m: int(p[i].argmax()) for m, p in probs.items()}
                 expected = {m: round(float((p[i] * np.arange(4)).sum()), 3) for m, p in probs.items()}
                 writer.writerow([i + 1, statement] + [answers[m] for m in probs] + [expected[m] for m in probs]
-                                + [int(answers.get("base") != answers.get("dpo"))])
+                                + [int(answers.get("base") != answers.get("dpo"))]
+                                + [round(float(p[i, k]), 4) for p in probs.values() for k in range(4)])
 
 
 def main(argv=None) -> None:

@@ -102,6 +102,10 @@ class Launch(_Strict):
     training: str = Field(min_length=1)
 
 
+class Recipe(_Strict):
+    dpo_start: Literal["sft", "base"]  # sft: DPO continues the SFT adapter; base: a fresh adapter (the ablation)
+
+
 class Lora(BaseModel):
     model_config = ConfigDict(extra="allow")  # every other LoraConfig field is checked by LoraConfig itself
     r: int = Field(gt=0)
@@ -180,7 +184,7 @@ class Judge(_Strict):
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {
     "base": Base, "models": Models, "ingest": Ingest, "annotate": Annotate, "datasets": Datasets,
-    "launch": Launch, "lora": Lora, "evaluate": Evaluate, "judge": Judge,
+    "launch": Launch, "recipe": Recipe, "lora": Lora, "evaluate": Evaluate, "judge": Judge,
 }
 
 

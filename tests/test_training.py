@@ -44,6 +44,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     base_before = load_file(tiny_model_dir / "model.safetensors")
     params = {
         "base": {"seed": 0},
+        "recipe": {"dpo_start": "sft"},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
                  "task_type": "CAUSAL_LM", "init_lora_weights": True},
         "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
@@ -81,6 +82,35 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
         key = name if name in base_in_memory else name.replace(".weight", ".base_layer.weight")
         if key in base_in_memory:
             assert torch.equal(base_in_memory[key].detach(), tensor), f"base weight {name} changed"
+
+
+def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model_dir, tiny_data):
+    """The ablation (recipe.dpo_start: base): same LoRA shape as SFT, fresh weights, the base model as reference."""
+    from stages import dpo, sft
+
+    params = {
+        "base": {"seed": 0},
+        "recipe": {"dpo_start": "base"},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                 "task_type": "CAUSAL_LM"},
+        "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64,
+                "bf16": False},
+        "dpo": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64,
+                "beta": 0.1, "bf16": False, "precompute_ref_log_probs": True},
+    }
+    sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
+    sft_weights = load_file(tmp_path / "sft_adapter" / "adapter_model.safetensors")
+    trainer, _ = dpo.train(tiny_model_dir, tmp_path / "sft_adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
+                           params, tmp_path / "w2")
+    assert trainer.state.global_step == 2
+    assert "ref" not in trainer.model.peft_config, "without SFT the reference is the base model, not an adapter"
+    dpo_weights = load_file(tmp_path / "dpo_adapter" / "adapter_model.safetensors")
+    assert set(dpo_weights) == set(sft_weights)
+    # LoRA B starts at zero: after DPO from the base it is small and far from the SFT adapter's B.
+    for key in (k for k in dpo_weights if "lora_B" in k):
+        assert dpo_weights[key].abs().sum() > 0, f"DPO did not train {key}"
+        assert not torch.allclose(dpo_weights[key], sft_weights[key]), f"{key} continued the SFT adapter"
+    assert trainer.model.peft_config["default"].r == 4
 
 
 def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
