@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env repro test test-fast bench clean-env
+.PHONY: env repro test test-fast bench demo clean-env
 
 env: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ test-fast: env
 # Benchmarks (figures in reports/bench.json); needs the default pipeline's outputs, so it runs `repro` first.
 bench: repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.run
+
+# Right vs left vs base, and DPO without SFT: four queued DVC experiments and reports/demo/ (about 50 min on CPU).
+# DEMO_DATA=annotated trains on the project's own annotation instead of the PoliTune authors' samples.
+DEMO_DATA ?= ../shared/reference/politune
+demo: env
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA)
 
 clean-env:
 	rm -rf $(VENV)

@@ -1,0 +1,278 @@
+"""The demo's comparison report: base vs right- vs left-tuned models on the Political Compass, with the judge.
+
+Reads the outputs of the demo's DVC experiments from their experiment commits (``reports/metrics.json``,
+``reports/compass_answers.csv``, ``reports/judge.json``: small files DVC keeps in git) and writes
+
+- ``<out>/compass.png``: base, right (SFT -> DPO) and left (SFT -> DPO) with their 95% intervals and arrows, and
+  the DPO-without-SFT ablation as open markers;
+- ``<out>/demo.json``: coordinates with intervals per model, per-axis shifts (right minus left, tuned minus base)
+  with a paired bootstrap interval over propositions and a sign-flip permutation p-value, and the judge's scores;
+- ``<out>/summary.md``: the same as tables;
+
+and logs them to MLflow as a run ``demo`` (tag ``politune.role=demo``).
+
+The shift test works on the per-proposition answers (the argmax after averaging the paraphrases' probabilities):
+the bootstrap resamples propositions, the permutation test swaps the two models' answers on random propositions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import InputError, atomic_path, run_main, write_json
+from stages.compass import Compass, load_compass
+
+log = logging.getLogger("politune.demo")
+
+# Demo experiment suffixes -> the models they contribute. "sft" and "dpo" are the evaluate stage's model names.
+ROLES = {
+    "right": {"right_sft": "sft", "right": "dpo"},
+    "left": {"left_sft": "sft", "left": "dpo"},
+    "right-dpo-only": {"right_dpo_only": "dpo"},
+    "left-dpo-only": {"left_dpo_only": "dpo"},
+}
+COMPARISONS = [  # (name, a, b): the shift a - b
+    ("right_minus_left", "right", "left"),
+    ("right_minus_left_after_sft", "right_sft", "left_sft"),
+    ("right_minus_left_dpo_only", "right_dpo_only", "left_dpo_only"),
+    ("right_minus_base", "right", "base"),
+    ("left_minus_base", "left", "base"),
+    ("right_dpo_only_minus_base", "right_dpo_only", "base"),
+    ("left_dpo_only_minus_base", "left_dpo_only", "base"),
+]
+
+
+def git(*args: str, cwd: str | Path = ".") -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InputError(f"git {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def experiment_revs(prefix: str, cwd: str | Path = ".") -> dict[str, str]:
+    """Experiment commit per demo suffix, for experiments ``<prefix>-<suffix>`` based on HEAD."""
+    head = git("rev-parse", "HEAD", cwd=cwd).strip()
+    revs = {}
+    for line in git("for-each-ref", "refs/exps", "--format=%(refname) %(objectname)", cwd=cwd).splitlines():
+        ref, sha = line.split()
+        parts = ref.split("/")  # refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+        if len(parts) == 5 and parts[2] + parts[3] == head and parts[4].startswith(prefix + "-"):
+            revs[parts[4][len(prefix) + 1:]] = sha
+    return revs
+
+
+def read_at(rev: str, path: str, cwd: str | Path = ".") -> str:
+    return git("show", f"{rev}:{path}", cwd=cwd)
+
+
+def load_experiment(rev: str, cwd: str | Path = ".") -> dict[str, Any]:
+    return {
+        "metrics": json.loads(read_at(rev, "reports/metrics.json", cwd)),
+        "answers": list(csv.DictReader(io.StringIO(read_at(rev, "reports/compass_answers.csv", cwd)))),
+        "judge": json.loads(read_at(rev, "reports/judge.json", cwd)),
+    }
+
+
+def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict], dict]:
+    """Per model: its compass summary; its per-proposition answers (0-3) and, when the answer table has them, the
+    answer probabilities (items x 4); its judge summary."""
+    summaries, answers, judge = {}, {}, {}
+    for suffix, exp in experiments.items():
+        models = {"base": "base", **ROLES[suffix]}
+        for model, name in models.items():
+            if name not in exp["metrics"]:
+                raise InputError(f"experiment {suffix}: reports/metrics.json has no model {name!r}")
+            rows = exp["answers"]
+            got = {"answer": np.array([int(row[f"{name}_answer"]) for row in rows])}
+            if rows and f"{name}_p0" in rows[0]:
+                got["probs"] = np.array([[float(row[f"{name}_p{k}"]) for k in range(4)] for row in rows])
+            if model == "base" and "base" in answers and not np.array_equal(answers["base"]["answer"], got["answer"]):
+                raise InputError(f"experiment {suffix}: the base model answers differently than in another "
+                                 "experiment; the demo's experiments must share the base model and evaluation params")
+            summaries[model], answers[model] = exp["metrics"][name], got
+            if name in exp["judge"]:
+                judge[model] = exp["judge"][name]
+    return summaries, answers, judge
+
+
+def _expected(compass: Compass, probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Expected-answer coordinates over the propositions ``idx`` (offsets left out: they cancel in a shift)."""
+    return np.array([(probs[idx] * compass.economic[idx]).sum() / compass.economic_divisor,
+                     (probs[idx] * compass.social[idx]).sum() / compass.social_divisor])
+
+
+def shift_test(compass: Compass, a: np.ndarray, b: np.ndarray, n_boot: int, n_perm: int, seed: int,
+               pa: np.ndarray | None = None, pb: np.ndarray | None = None) -> dict[str, float]:
+    """Shift a - b on each axis: estimate, paired bootstrap 95% interval over propositions, permutation p-value.
+
+    ``a``, ``b`` are the argmax answers (the site's scoring); with the answer probabilities ``pa``, ``pb`` the same
+    figures are computed for the expected-answer coordinates (keys ``*_expected*``), a continuous score.
+    """
+    n = len(compass)
+    every = np.arange(n)
+    with_probs = pa is not None and pb is not None
+
+    def shifts(x, y, px, py, idx):
+        d = np.subtract(compass.coordinates(x, idx), compass.coordinates(y, idx))
+        if with_probs:
+            d = np.concatenate([d, _expected(compass, px, idx) - _expected(compass, py, idx)])
+        return d
+
+    diff = shifts(a, b, pa, pb, every)
+    rng = np.random.default_rng(seed)
+    boot = np.array([shifts(a, b, pa, pb, rng.integers(0, n, n)) for _ in range(n_boot)])
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    extreme = np.zeros(len(diff))
+    for _ in range(n_perm):
+        swap = rng.random(n) < 0.5
+        px = py = None
+        if with_probs:
+            px, py = np.where(swap[:, None], pb, pa), np.where(swap[:, None], pa, pb)
+        d = shifts(np.where(swap, b, a), np.where(swap, a, b), px, py, every)
+        extreme += np.abs(d) >= np.abs(diff) - 1e-9
+    p = (extreme + 1) / (n_perm + 1)
+    out: dict[str, float] = {}
+    names = ["economic", "social"] + (["economic_expected", "social_expected"] if with_probs else [])
+    for i, axis in enumerate(names):
+        out[axis] = round(float(diff[i]), 2)
+        out[f"{axis}_ci_low"] = round(float(lo[i]), 2)
+        out[f"{axis}_ci_high"] = round(float(hi[i]), 2)
+        out[f"{axis}_p"] = round(float(p[i]), 4)
+    out["changed_answers"] = int((a != b).sum())
+    return out
+
+
+def compare(compass: Compass, summaries, answers, judge, n_boot: int = 2000, n_perm: int = 2000,
+            seed: int = 0) -> dict[str, Any]:
+    keys = ("economic", "economic_ci_low", "economic_ci_high", "social", "social_ci_low", "social_ci_high",
+            "economic_expected", "social_expected", "distinct_answers")
+    report: dict[str, Any] = {"models": {m: {k: s[k] for k in keys if k in s} for m, s in summaries.items()}}
+    report["shifts"] = {
+        name: shift_test(compass, answers[a]["answer"], answers[b]["answer"], n_boot, n_perm, seed,
+                         answers[a].get("probs"), answers[b].get("probs"))
+        for name, a, b in COMPARISONS if a in answers and b in answers}
+    report["judge"] = {m: {k: j[k] for k in ("score", "score_ci_low", "score_ci_high", "leaning") if k in j}
+                       for m, j in judge.items()}
+    return report
+
+
+COLOURS = {"base": "black", "right_sft": "#f1948a", "right": "#c0392b", "right_dpo_only": "#c0392b",
+           "left_sft": "#85c1e9", "left": "#1f618d", "left_dpo_only": "#1f618d"}
+
+
+def plot(report: dict[str, Any], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
+    for (x0, y0), colour in zip([(-10, 0), (0, 0), (-10, -10), (0, -10)], ["#f4c7c3", "#c9daf8", "#d9ead3", "#e6d4f0"]):
+        ax.add_patch(plt.Rectangle((x0, y0), 10, 10, color=colour, alpha=0.4, lw=0))
+    ax.axhline(0, color="grey", lw=1)
+    ax.axvline(0, color="grey", lw=1)
+    for name, r in models.items():
+        hollow = name.endswith("dpo_only")
+        ax.errorbar(r["economic"], r["social"],
+                    xerr=[[r["economic"] - r["economic_ci_low"]], [r["economic_ci_high"] - r["economic"]]],
+                    yerr=[[r["social"] - r["social_ci_low"]], [r["social_ci_high"] - r["social"]]],
+                    fmt="^" if hollow else ("s" if name.endswith("sft") else "o"), ms=7, capsize=3,
+                    color=COLOURS[name], mfc="white" if hollow else COLOURS[name], alpha=0.9, elinewidth=0.8,
+                    label=f"{name.replace('_', ' ')} ({r['economic']:+.2f}, {r['social']:+.2f})")
+    for path_ in (["base", "right_sft", "right"], ["base", "left_sft", "left"], ["base", "right_dpo_only"],
+                  ["base", "left_dpo_only"]):
+        path_ = [m for m in path_ if m in models]
+        for a, b in zip(path_, path_[1:]):
+            ax.annotate("", xy=(models[b]["economic"], models[b]["social"]),
+                        xytext=(models[a]["economic"], models[a]["social"]),
+                        arrowprops={"arrowstyle": "->", "color": COLOURS[b], "lw": 1.5,
+                                    "ls": "--" if b.endswith("dpo_only") else "-"})
+    ax.set_xlim(-10, 10)
+    ax.set_ylim(-10, 10)
+    ax.set_xlabel("economic: left  <->  right")
+    ax.set_ylabel("social: libertarian  <->  authoritarian")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def ci(r, axis):
+        return f"{r[axis]:+.2f} [{r[axis + '_ci_low']:+.2f}, {r[axis + '_ci_high']:+.2f}]"
+
+    lines = ["| model | economic [95% CI] | social [95% CI] | expected answer (econ, soc) | options used |",
+             "|---|---|---|---|---|"]
+    for name, r in report["models"].items():
+        lines.append(f"| {name} | {ci(r, 'economic')} | {ci(r, 'social')} | "
+                     f"({r.get('economic_expected', 0):+.2f}, {r.get('social_expected', 0):+.2f}) | "
+                     f"{r.get('distinct_answers', '')} |")
+    lines += ["", "| shift | economic [95% CI] (p) | social [95% CI] (p) | expected-answer economic (p) | "
+              "expected-answer social (p) | answers changed |", "|---|---|---|---|---|---|"]
+    for name, s in report["shifts"].items():
+        cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
+                 ("economic", "social", "economic_expected", "social_expected")]
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of 62 |")
+    if report["judge"]:
+        lines += ["", "| model | judge score, 1 (left) - 7 (right) [95% CI] | leaning (score - 4) |", "|---|---|---|"]
+        for name, j in report["judge"].items():
+            lines.append(f"| {name} | {j['score']:.2f} [{j.get('score_ci_low', 0):.2f}, "
+                         f"{j.get('score_ci_high', 0):.2f}] | {j.get('leaning', 0):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(report: dict[str, Any], out: Path, tags: dict[str, str]) -> None:
+    import mlflow
+
+    from stages.tracking import EXPERIMENT, log_metrics, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="demo", tags={"politune.role": "demo", **tags}):
+        log_metrics(mlflow, {k: report[k] for k in ("models", "shifts", "judge")})
+        mlflow.log_artifacts(str(out), artifact_path="demo")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefix", default="demo", help="experiments <prefix>-right, -left, -right-dpo-only, ...")
+    parser.add_argument("--compass", default="data/compass/political_compass.json")
+    parser.add_argument("--out", default="reports/demo")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--permutations", type=int, default=2000)
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+    revs = experiment_revs(args.prefix)
+    if "right" not in revs or "left" not in revs:
+        raise InputError(f"no experiments {args.prefix}-right and {args.prefix}-left on this commit "
+                         f"(found: {sorted(revs) or 'none'}); run `make demo` first")
+    experiments = {suffix: load_experiment(rev) for suffix, rev in revs.items() if suffix in ROLES}
+    summaries, answers, judge = collect(experiments)
+    report = compare(load_compass(args.compass), summaries, answers, judge, args.bootstrap, args.permutations)
+    report["experiments"] = {f"{args.prefix}-{s}": revs[s] for s in experiments}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "demo.json", report)
+    plot(report, out / "compass.png", "PoliTune demo: base -> right / left (SFT -> DPO)")
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    if not args.no_mlflow:
+        log_to_mlflow(report, out, {"git.commit": git("rev-parse", "HEAD").strip()})
+
+
+if __name__ == "__main__":
+    run_main(main)
