@@ -68,7 +68,7 @@ def dpo(args) -> dict:
 
 
 def stage_seconds(stages: list[str]) -> dict[str, float]:
-    """The stages' own run times from their MLflow runs (the latest run of each)."""
+    """The stages' own run times from their MLflow runs (the latest finished run of each)."""
     import mlflow
 
     from stages.tracking import EXPERIMENT, tracking_uri
@@ -77,7 +77,7 @@ def stage_seconds(stages: list[str]) -> dict[str, float]:
     exp = client.get_experiment_by_name(EXPERIMENT)
     out = {}
     for stage in stages:
-        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`politune.stage` = '{stage}'",
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`politune.stage` = '{stage}' and attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
             info = runs[0].info
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--annotation-n", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--transformers-max-n", type=int, default=256, help="largest N for batched transformers")
-    parser.add_argument("--b1-max-n", type=int, default=64, help="largest N for transformers batch 1")
+    parser.add_argument("--b1-max-n", type=int, default=256, help="largest N for transformers batch 1")
     parser.add_argument("--no-score", action="store_true", help="annotation: time generation only")
     parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "optimised"])
     parser.add_argument("--dpo-steps", type=int, default=12)

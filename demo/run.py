@@ -40,8 +40,9 @@ RECIPE = [
 EXTERNAL = Path("data/external/demo")
 
 
-def sh(cmd: list[str], check: bool = True) -> str:
-    print("$", " ".join(cmd), flush=True)
+def sh(cmd: list[str], check: bool = True, echo: bool = True) -> str:
+    if echo:
+        print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise InputError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -63,7 +64,7 @@ def wait_for_queue(timeout: float) -> str:
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        status = sh(["dvc", "queue", "status"])
+        status = sh(["dvc", "queue", "status"], echo=False)
         if status != last:
             print(status, flush=True)
             last = status
@@ -106,7 +107,8 @@ def main(argv=None) -> None:
                 sets = [x for kv in RECIPE + flags + args.set for x in ("-S", kv)]
                 sh(["dvc", "exp", "run", "--queue", "-n", name, *copy, *sets])
             started = time.monotonic()
-            sh(["dvc", "queue", "start", "-j", "1"])
+            # The queue worker is a daemon that inherits stdout: do not capture it, or this call waits for the queue.
+            subprocess.run(["dvc", "queue", "start", "-j", "1"], check=True, stdout=subprocess.DEVNULL)
             status = wait_for_queue(args.timeout)
             print(f"demo experiments finished in {time.monotonic() - started:.0f} s", flush=True)
             missing = sorted(set(exps) - {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix)})
