@@ -19,8 +19,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 log = logging.getLogger("politune")
 
 
@@ -36,11 +34,21 @@ class EndpointError(RuntimeError):
     """A model endpoint failed after its bounded retries; the message names the endpoint."""
 
 
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file as DVC does (ruamel.yaml, YAML 1.2), so a stage sees the values DVC tracks.
+
+    PyYAML (YAML 1.1) differs on common params: ``1e-4`` is a string there and ``yes``/``on`` are booleans.
+    """
+    from ruamel.yaml import YAML
+
+    with Path(path).open(encoding="utf-8") as fh:
+        return YAML(typ="safe", pure=True).load(fh)
+
+
 def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, Any]:
     """Return only ``sections`` of the YAML params file, failing clearly on a missing one."""
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    data = read_yaml(path) or {}
     missing = [s for s in sections if s not in data]
     if missing:
         raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")

@@ -60,3 +60,24 @@ def test_annotate_stage_exits_nonzero_without_touching_outputs(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "annotate.threshold" in proc.stderr
     assert all(p.read_text(encoding="utf-8") == "earlier result" for p in outs.values())
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path):
+    """YAML 1.2, as DVC's own parser: ``1e-4`` is a float (PyYAML makes it a string, which crashed DPO deep in
+    torch's optimiser); the value reaches DPOConfig with the type DVC tracks."""
+    from dvc.utils.serialize import load_yaml
+    from trl import DPOConfig
+
+    from stages.training import strict_config
+
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8").replace("  learning_rate: 5.0e-5\n",
+                                                                    "  learning_rate: 1e-4\n", 1)
+    assert "learning_rate: 1e-4" in text
+    file = tmp_path / "params.yaml"
+    file.write_text(text, encoding="utf-8")
+    params = load_params(file, ["dpo"])
+    assert params["dpo"] == load_yaml(file)["dpo"]
+    assert params["dpo"]["learning_rate"] == 1e-4
+    assert yaml.safe_load(text)["dpo"]["learning_rate"] == "1e-4"  # what the old reader gave the stage
+    config = strict_config(DPOConfig, "dpo", params["dpo"], output_dir=str(tmp_path / "out"), seed=0)
+    assert config.learning_rate == 1e-4
