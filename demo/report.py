@@ -11,8 +11,9 @@ Reads the outputs of the demo's DVC experiments from their experiment commits (`
 
 and logs them to MLflow as a run ``demo`` (tag ``politune.role=demo``).
 
-The shift test works on the per-proposition answers (the argmax after averaging the paraphrases' probabilities):
-the bootstrap resamples propositions, the permutation test swaps the two models' answers on random propositions.
+The shift test works on the per-proposition answers (the argmax after averaging the paraphrases' probabilities) and
+on the expected-answer coordinates: the paired bootstrap resamples propositions and paraphrases (the same draw for
+both models), the permutation test swaps the two models' answers on random propositions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import InputError, atomic_path, run_main, write_json
-from stages.compass import Compass, load_compass
+from stages.compass import Compass, load_compass, resample
 
 log = logging.getLogger("politune.demo")
 
@@ -84,7 +85,8 @@ def load_experiment(rev: str, cwd: str | Path = ".") -> dict[str, Any]:
 
 def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict], dict]:
     """Per model: its compass summary; its per-proposition answers (0-3) and, when the answer table has them, the
-    answer probabilities (items x 4); its judge summary."""
+    answer probabilities (paraphrases x items x 4; one "paraphrase", their mean, in tables without the
+    per-paraphrase columns); its judge summary."""
     summaries, answers, judge = {}, {}, {}
     for suffix, exp in experiments.items():
         models = {"base": "base", **ROLES[suffix]}
@@ -93,8 +95,13 @@ def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], di
                 raise InputError(f"experiment {suffix}: reports/metrics.json has no model {name!r}")
             rows = exp["answers"]
             got = {"answer": np.array([int(row[f"{name}_answer"]) for row in rows])}
-            if rows and f"{name}_p0" in rows[0]:
-                got["probs"] = np.array([[float(row[f"{name}_p{k}"]) for k in range(4)] for row in rows])
+            k = 0
+            while rows and f"{name}_q{k}_p0" in rows[0]:
+                k += 1
+            columns = [[f"{name}_q{j}_p{o}" for o in range(4)] for j in range(k)] or (
+                [[f"{name}_p{o}" for o in range(4)]] if rows and f"{name}_p0" in rows[0] else [])
+            if columns:
+                got["probs"] = np.array([[[float(row[c]) for c in cols] for row in rows] for cols in columns])
             if model == "base" and "base" in answers and not np.array_equal(answers["base"]["answer"], got["answer"]):
                 raise InputError(f"experiment {suffix}: the base model answers differently than in another "
                                  "experiment; the demo's experiments must share the base model and evaluation params")
@@ -104,39 +111,48 @@ def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], di
     return summaries, answers, judge
 
 
-def _expected(compass: Compass, probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Expected-answer coordinates over the propositions ``idx`` (offsets left out: they cancel in a shift)."""
-    return np.array([(probs[idx] * compass.economic[idx]).sum() / compass.economic_divisor,
-                     (probs[idx] * compass.social[idx]).sum() / compass.social_divisor])
-
-
 def shift_test(compass: Compass, a: np.ndarray, b: np.ndarray, n_boot: int, n_perm: int, seed: int,
                pa: np.ndarray | None = None, pb: np.ndarray | None = None) -> dict[str, float]:
-    """Shift a - b on each axis: estimate, paired bootstrap 95% interval over propositions, permutation p-value.
+    """Shift a - b on each axis: estimate, paired bootstrap 95% interval, permutation p-value.
 
-    ``a``, ``b`` are the argmax answers (the site's scoring); with the answer probabilities ``pa``, ``pb`` the same
-    figures are computed for the expected-answer coordinates (keys ``*_expected*``), a continuous score.
+    ``a``, ``b`` are the argmax answers (the site's scoring). With the answer probabilities ``pa``, ``pb``
+    (paraphrases x items x 4, or items x 4 for a single one) the bootstrap resamples propositions and paraphrases
+    and re-derives the answers of each draw, and the same figures are computed for the expected-answer coordinates
+    (keys ``*_expected*``), a continuous score. Without them the bootstrap resamples propositions only.
     """
     n = len(compass)
     every = np.arange(n)
     with_probs = pa is not None and pb is not None
+    if with_probs:
+        pa, pb = (np.asarray(p, dtype=float).reshape((-1, n, 4)) for p in (pa, pb))
+        ma, mb = pa.mean(axis=0), pb.mean(axis=0)
+        if len(pa) != len(pb):  # not the same paraphrases (tables of other evaluate params): no paired draw
+            log.warning("shift test: %d vs %d paraphrases, resampling propositions only", len(pa), len(pb))
+            pa, pb = ma[None], mb[None]
 
     def shifts(x, y, px, py, idx):
         d = np.subtract(compass.coordinates(x, idx), compass.coordinates(y, idx))
         if with_probs:
-            d = np.concatenate([d, _expected(compass, px, idx) - _expected(compass, py, idx)])
+            d = np.concatenate([d, np.subtract(compass.expected_coordinates(px, idx, digits=None),
+                                               compass.expected_coordinates(py, idx, digits=None))])
         return d
 
-    diff = shifts(a, b, pa, pb, every)
+    diff = shifts(a, b, ma, mb, every) if with_probs else shifts(a, b, None, None, every)
     rng = np.random.default_rng(seed)
-    boot = np.array([shifts(a, b, pa, pb, rng.integers(0, n, n)) for _ in range(n_boot)])
-    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    boot = []
+    for _ in range(n_boot):
+        if with_probs:
+            idx, (qa, qb) = resample([pa, pb], rng)
+            boot.append(shifts(qa.argmax(axis=1), qb.argmax(axis=1), qa, qb, idx))
+        else:
+            boot.append(shifts(a, b, None, None, rng.integers(0, n, n)))
+    lo, hi = np.percentile(np.array(boot), [2.5, 97.5], axis=0)
     extreme = np.zeros(len(diff))
     for _ in range(n_perm):
         swap = rng.random(n) < 0.5
         px = py = None
         if with_probs:
-            px, py = np.where(swap[:, None], pb, pa), np.where(swap[:, None], pa, pb)
+            px, py = np.where(swap[:, None], mb, ma), np.where(swap[:, None], ma, mb)
         d = shifts(np.where(swap, b, a), np.where(swap, a, b), px, py, every)
         extreme += np.abs(d) >= np.abs(diff) - 1e-9
     p = (extreme + 1) / (n_perm + 1)

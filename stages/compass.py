@@ -35,11 +35,27 @@ class Compass:
         soc = self.social[idx, answers[idx]].sum() / self.social_divisor + self.social_offset
         return round(float(econ), 2), round(float(soc), 2)
 
-    def expected_coordinates(self, probs: np.ndarray) -> tuple[float, float]:
-        """Coordinates of the expected answer weights under per-item answer probabilities (items x 4)."""
-        econ = (probs * self.economic).sum() / self.economic_divisor + self.economic_offset
-        soc = (probs * self.social).sum() / self.social_divisor + self.social_offset
-        return round(float(econ), 2), round(float(soc), 2)
+    def expected_coordinates(self, probs: np.ndarray, items: Sequence[int] | None = None,
+                             digits: int | None = 2) -> tuple[float, float]:
+        """Coordinates of the expected answer weights under per-item answer probabilities (items x 4), rounded to
+        ``digits`` (``None``: unrounded, for differences and resampling)."""
+        idx = np.arange(len(self)) if items is None else np.asarray(items)
+        econ = float((probs[idx] * self.economic[idx]).sum() / self.economic_divisor + self.economic_offset)
+        soc = float((probs[idx] * self.social[idx]).sum() / self.social_divisor + self.social_offset)
+        return (econ, soc) if digits is None else (round(econ, digits), round(soc, digits))
+
+
+def resample(paraphrases: Sequence[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One bootstrap draw over propositions *and* paraphrases, paired across models.
+
+    ``paraphrases``: one array per model, paraphrases x items x 4 answer probabilities (the same paraphrases and
+    propositions for every model). Returns the drawn proposition indices and, per model, the probabilities averaged
+    over the drawn paraphrases. A model whose argmax answer flips from one paraphrase to another gets a wide
+    interval, which resampling the propositions alone would hide.
+    """
+    k, n = paraphrases[0].shape[:2]
+    items, chosen = rng.integers(0, n, n), rng.integers(0, k, k)
+    return items, [p[chosen].mean(axis=0) for p in paraphrases]
 
 
 def load_compass(path: str | Path) -> Compass:

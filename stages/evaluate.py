@@ -13,7 +13,9 @@ Answer elicitation is a params choice (``evaluate.elicitation``), because the in
 
 Probabilities are averaged over paraphrases (and samples); the argmax answers give the compass coordinates (the
 site's scoring), the probabilities give the expected-answer coordinates (a continuous score), and a bootstrap over
-propositions gives 95% intervals. ``distinct_answers`` counts how many of the four options the argmax uses.
+propositions and paraphrases gives 95% intervals for both. ``distinct_answers`` counts how many of the four options
+the argmax uses. The answer table keeps every paraphrase's probabilities (``<model>_q<j>_p<k>``), so comparisons
+across experiments (``demo/report.py``) can resample paraphrases too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
-from stages.compass import Compass, load_compass
+from stages.compass import Compass, load_compass, resample
 from stages.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
 
 SECTIONS = ("base", "evaluate")
@@ -35,24 +37,27 @@ MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.evaluate")
 
 
-def answer_probabilities(logprobs: np.ndarray, calibration: str) -> np.ndarray:
-    """templates x items x options log-probs -> items x options probabilities."""
+def paraphrase_probabilities(logprobs: np.ndarray, calibration: str) -> np.ndarray:
+    """paraphrases x items x options log-probs -> probabilities of the same shape (calibrated per paraphrase)."""
     lp = logprobs
     if calibration == "mean":
         lp = lp - lp.mean(axis=1, keepdims=True)
     p = np.exp(lp - lp.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return p.mean(axis=0)
+    return p / p.sum(axis=-1, keepdims=True)
 
 
-def summarise(compass: Compass, probs: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+def summarise(compass: Compass, paraphrases: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Compass summary of paraphrases x items x 4 answer probabilities (averaged over paraphrases)."""
+    probs = paraphrases.mean(axis=0)
     answers = probs.argmax(axis=1)
     econ, soc = compass.coordinates(answers)
     econ_exp, soc_exp = compass.expected_coordinates(probs)
     rng = np.random.default_rng(seed)
-    boot = np.array([compass.coordinates(answers, rng.integers(0, len(compass), len(compass)))
-                     for _ in range(n_boot)])
-    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    boot = []
+    for _ in range(n_boot):
+        items, (p,) = resample([paraphrases], rng)
+        boot.append(compass.coordinates(p.argmax(axis=1), items) + compass.expected_coordinates(p, items, None))
+    lo, hi = np.percentile(np.array(boot), [2.5, 97.5], axis=0)
     counts = np.bincount(answers, minlength=4)
     return {
         "economic": econ,
@@ -63,6 +68,10 @@ def summarise(compass: Compass, probs: np.ndarray, n_boot: int, seed: int) -> di
         "social_ci_high": round(float(hi[1]), 2),
         "economic_expected": econ_exp,
         "social_expected": soc_exp,
+        "economic_expected_ci_low": round(float(lo[2]), 2),
+        "economic_expected_ci_high": round(float(hi[2]), 2),
+        "social_expected_ci_low": round(float(lo[3]), 2),
+        "social_expected_ci_high": round(float(hi[3]), 2),
         "distinct_answers": int((counts > 0).sum()),
         **{"answers_" + name.lower().replace(" ", "_"): int(c) for name, c in zip(compass.answers, counts)},
     }
@@ -114,25 +123,25 @@ def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: st
 def classified_probabilities(logprobs: np.ndarray, calibration: str) -> tuple[np.ndarray, int]:
     """Generate-then-classify: (answers x items x 5) classifier log-probs, option 4 meaning "refused or no opinion".
 
-    Returns the items x 4 probabilities for scoring (the refusal mass removed and the rest renormalised, since the
-    compass needs one of the four answers) and the number of answers classified as refusals.
+    Returns the answers x items x 4 probabilities for scoring (the refusal mass removed and the rest renormalised,
+    since the compass needs one of the four answers) and the number of answers classified as refusals.
     """
     lp = logprobs - logprobs.mean(axis=1, keepdims=True) if calibration == "mean" else logprobs
     p = np.exp(lp - lp.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     refusals = int((p.argmax(axis=-1) == 4).sum())
-    options = p[..., :4] / p[..., :4].sum(axis=-1, keepdims=True)
-    return options.mean(axis=0), refusals
+    return p[..., :4] / p[..., :4].sum(axis=-1, keepdims=True), refusals
 
 
 def elicit(model, tokenizer, name: str, compass: Compass, cfg: dict[str, Any], seed: int) -> tuple[np.ndarray, dict]:
-    """Items x 4 answer probabilities of model ``name`` under ``cfg["elicitation"]``, and extra figures."""
+    """Paraphrases x items x 4 answer probabilities of model ``name`` under ``cfg["elicitation"]`` (for
+    ``generate``, one "paraphrase" per template and sample), and extra figures."""
     batch = int(cfg["batch_size"])
     if cfg["elicitation"] == "forced_choice":
         prompts = [t.format(statement=s) for t in cfg["templates"] for s in compass.statements]
         with use(model, name):
             lp = option_logprobs(model, tokenizer, prompts, option_token_ids(tokenizer, 4), batch)
-        return answer_probabilities(lp.reshape(len(cfg["templates"]), len(compass), 4), cfg["calibration"]), {}
+        return paraphrase_probabilities(lp.reshape(len(cfg["templates"]), len(compass), 4), cfg["calibration"]), {}
     gen = cfg["generate"]
     jobs = [(t, k, s) for t in gen["templates"] for k in range(int(gen["samples"])) for s in compass.statements]
     with use(model, name):
@@ -147,7 +156,7 @@ def elicit(model, tokenizer, name: str, compass: Compass, cfg: dict[str, Any], s
 
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int,
              trajectory: dict[int, str] | None = None):
-    """Return (summaries per model, items x 4 probabilities per model, trajectory rows).
+    """Return (summaries per model, paraphrases x items x 4 probabilities per model, trajectory rows).
 
     ``trajectory`` maps DPO steps to adapter directories (snapshots saved by the dpo stage); each is evaluated the
     same way, and step 0 is the SFT adapter, where DPO starts.
@@ -186,18 +195,25 @@ def trajectory_dirs(root: str | Path | None) -> dict[int, Path]:
     return {int(p.name.split("-")[1]): p for p in Path(root).glob("step-*") if (p / "adapter_config.json").exists()}
 
 
-def write_answer_table(path, compass: Compass, probs: dict[str, np.ndarray]) -> None:
+def write_answer_table(path, compass: Compass, paraphrases: dict[str, np.ndarray]) -> None:
+    """Per proposition: each model's answer, expected answer (0-3) and probabilities (``<model>_p<k>``, averaged
+    over paraphrases), and every paraphrase's probabilities (``<model>_q<j>_p<k>``)."""
+    probs = {m: p.mean(axis=0) for m, p in paraphrases.items()}
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["item", "statement"] + [f"{m}_answer" for m in probs] + [f"{m}_expected" for m in probs]
-                            + ["changed_base_to_dpo"] + [f"{m}_p{k}" for m in probs for k in range(4)])
+                            + ["changed_base_to_dpo"] + [f"{m}_p{k}" for m in probs for k in range(4)]
+                            + [f"{m}_q{j}_p{k}" for m, p in paraphrases.items() for j in range(len(p))
+                               for k in range(4)])
             for i, statement in enumerate(compass.statements):
                 answers = {m: int(p[i].argmax()) for m, p in probs.items()}
                 expected = {m: round(float((p[i] * np.arange(4)).sum()), 3) for m, p in probs.items()}
                 writer.writerow([i + 1, statement] + [answers[m] for m in probs] + [expected[m] for m in probs]
                                 + [int(answers.get("base") != answers.get("dpo"))]
-                                + [round(float(p[i, k]), 4) for p in probs.values() for k in range(4)])
+                                + [round(float(p[i, k]), 4) for p in probs.values() for k in range(4)]
+                                + [round(float(q[i, k]), 4) for p in paraphrases.values() for q in p
+                                   for k in range(4)])
 
 
 def main(argv=None) -> None:

@@ -46,6 +46,24 @@ def test_no_shift_between_identical_answers(compass):
     assert s["economic_p"] == 1.0 and s["social_p"] == 1.0
 
 
+def test_unstable_paraphrases_widen_the_shift_interval(compass):
+    """The same averaged answers, but each model's paraphrases disagree: the paired bootstrap over paraphrases
+    must cover zero where the answers alone would call the shift certain."""
+    a, b = compass.economic.argmax(axis=1), compass.economic.argmin(axis=1)
+    one_hot = np.eye(4)
+    firm = report.shift_test(compass, a, b, 500, 200, 0, pa=one_hot[a], pb=one_hot[b])
+    # paraphrase 0 says a (resp. b) firmly, paraphrases 1 and 2 lean to the other model's answer
+    pa = np.stack([one_hot[a] * 0.9 + 0.025, one_hot[b] * 0.45 + one_hot[a] * 0.35 + 0.05,
+                   one_hot[b] * 0.45 + one_hot[a] * 0.35 + 0.05])
+    pb = np.stack([one_hot[b] * 0.9 + 0.025, one_hot[a] * 0.45 + one_hot[b] * 0.35 + 0.05,
+                   one_hot[a] * 0.45 + one_hot[b] * 0.35 + 0.05])
+    assert (pa.mean(axis=0).argmax(axis=1) == a).all() and (pb.mean(axis=0).argmax(axis=1) == b).all()
+    shaky = report.shift_test(compass, a, b, 500, 200, 0, pa=pa, pb=pb)
+    assert shaky["economic"] == firm["economic"] > 5
+    assert firm["economic_ci_low"] > 5
+    assert shaky["economic_ci_low"] < 0 < shaky["economic_ci_high"]
+
+
 def test_one_changed_proposition_is_not_significant(compass):
     a = np.full(62, 1)
     b = a.copy()
@@ -63,7 +81,7 @@ def test_experiments_share_the_recipe_and_differ_in_data_and_start():
     assert run.experiments("demo", "annotated", "r", "l")["demo-left"] == ["ideology=left", "datasets.source=annotated"]
 
 
-def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[str, float]):
+def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[str, float], paraphrases: int = 0):
     (root / "reports").mkdir(exist_ok=True)
     metrics = {}
     for name, ans in answers.items():
@@ -73,10 +91,13 @@ def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[st
     (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
     with (root / "reports" / "compass_answers.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["item"] + [f"{m}_answer" for m in answers] + [f"{m}_p{k}" for m in answers for k in range(4)])
+        w.writerow(["item"] + [f"{m}_answer" for m in answers] + [f"{m}_p{k}" for m in answers for k in range(4)]
+                   + [f"{m}_q{j}_p{k}" for m in answers for j in range(paraphrases) for k in range(4)])
         for i in range(62):
             w.writerow([i + 1] + [int(answers[m][i]) for m in answers]
-                       + [0.7 if k == answers[m][i] else 0.1 for m in answers for k in range(4)])
+                       + [0.7 if k == answers[m][i] else 0.1 for m in answers for k in range(4)]
+                       + [0.7 if k == answers[m][i] else 0.1 for m in answers for _ in range(paraphrases)
+                          for k in range(4)])
     (root / "reports" / "judge.json").write_text(json.dumps(
         {m: {"score": v, "score_ci_low": v - 0.2, "score_ci_high": v + 0.2, "leaning": v - 4} for m, v in judge.items()}))
 
@@ -98,7 +119,9 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     right, left = np.where(compass.economic.argmax(1) > 1, 3, 0), np.where(compass.economic.argmax(1) > 1, 0, 3)
     for suffix, (sft, dpo, score) in {"right": (base, right, 5.0), "left": (base, left, 3.0),
                                       "right-dpo-only": (base, base, 4.0)}.items():
-        _write_reports(tmp_path, compass, {"base": base, "sft": sft, "dpo": dpo}, {"base": 4.0, "dpo": score})
+        # the right experiment's table has 3 paraphrases' columns, the others only the averaged probabilities
+        _write_reports(tmp_path, compass, {"base": base, "sft": sft, "dpo": dpo}, {"base": 4.0, "dpo": score},
+                       paraphrases=3 if suffix == "right" else 0)
         git("add", "reports")
         git("commit", "-qm", suffix)
         git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/demo-{suffix}", "HEAD")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from stages.compass import load_compass
-from stages.evaluate import answer_probabilities, classified_probabilities, elicit, summarise, trajectory_dirs
+from stages.evaluate import classified_probabilities, elicit, paraphrase_probabilities, summarise, trajectory_dirs
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -15,8 +15,31 @@ def test_mean_calibration_removes_an_option_prior():
     # One template, 3 items; option 0 is favoured by +5 on every item, the content prefers 2, 1, 3.
     content = np.log(np.array([[0.1, 0.1, 0.7, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]]))
     lp = (content + np.array([5.0, 0, 0, 0]))[None]
-    assert list(answer_probabilities(lp, "none").argmax(axis=1)) == [0, 0, 0]
-    assert list(answer_probabilities(lp, "mean").argmax(axis=1)) == [2, 1, 3]
+    assert paraphrase_probabilities(lp, "mean").shape == (1, 3, 4)
+    assert list(paraphrase_probabilities(lp, "none")[0].argmax(axis=1)) == [0, 0, 0]
+    assert list(paraphrase_probabilities(lp, "mean")[0].argmax(axis=1)) == [2, 1, 3]
+
+
+def test_interval_covers_paraphrase_instability():
+    """Two models with the same averaged answers: one whose paraphrases agree, one whose paraphrases disagree on
+    every proposition. Resampling propositions alone gives both the same interval; resampling paraphrases too
+    widens the unstable one's."""
+    compass = load_compass(ROOT / "data" / "compass" / "political_compass.json")
+    answers = np.random.default_rng(0).integers(0, 4, 62)
+    stable = np.repeat(np.eye(4)[answers][None] * 0.6 + 0.1, 3, axis=0)  # 3 paraphrases, all the same answer
+    unstable = np.full((3, 62, 4), 0.05)
+    for i, a in enumerate(answers):  # paraphrase 0 gives the answer, 1 and 2 each lean to another option
+        unstable[0, i, a], unstable[1, i, (a + 1) % 4], unstable[2, i, (a + 2) % 4] = 0.85, 0.5, 0.5
+        unstable[1, i, a] = unstable[2, i, a] = 0.4
+    unstable /= unstable.sum(axis=-1, keepdims=True)
+    assert (unstable.mean(axis=0).argmax(axis=1) == answers).all()
+    s, u = summarise(compass, stable, 400, seed=0), summarise(compass, unstable, 400, seed=0)
+    assert (s["economic"], s["social"]) == (u["economic"], u["social"]) == compass.coordinates(answers)
+    for axis in ("economic", "social"):
+        width_s = s[f"{axis}_ci_high"] - s[f"{axis}_ci_low"]
+        width_u = u[f"{axis}_ci_high"] - u[f"{axis}_ci_low"]
+        assert width_u >= width_s + 0.5, (axis, width_s, width_u)
+        assert u[f"{axis}_expected_ci_low"] <= u[f"{axis}_expected"] <= u[f"{axis}_expected_ci_high"]
 
 
 def test_classified_refusals_are_counted_and_left_out_of_the_score():
@@ -25,9 +48,9 @@ def test_classified_refusals_are_counted_and_left_out_of_the_score():
                   [[0.05, 0.05, 0.05, 0.05, 0.8], [0.6, 0.2, 0.1, 0.05, 0.05]]])
     probs, refusals = classified_probabilities(np.log(p), "none")
     assert refusals == 1
-    assert np.allclose(probs.sum(axis=1), 1.0)
-    assert np.allclose(probs[0], (p[0, 0, :4] / 0.9 + p[1, 0, :4] / 0.2) / 2)
-    assert list(probs.argmax(axis=1)) == [2, 0]
+    assert probs.shape == (2, 2, 4) and np.allclose(probs.sum(axis=-1), 1.0)
+    assert np.allclose(probs.mean(axis=0)[0], (p[0, 0, :4] / 0.9 + p[1, 0, :4] / 0.2) / 2)
+    assert list(probs.mean(axis=0).argmax(axis=1)) == [2, 0]
 
 
 def test_trajectory_dirs(tmp_path):
@@ -51,7 +74,7 @@ def test_forced_choice_on_the_base_model_uses_several_options(smollm2):
     compass = load_compass(ROOT / "data" / "compass" / "political_compass.json")
     cfg = dict(PARAMS["evaluate"], elicitation="forced_choice")
     probs, extra = elicit(*smollm2, "base", compass, cfg, seed=0)
-    assert probs.shape == (62, 4) and np.allclose(probs.sum(axis=1), 1.0) and extra == {}
+    assert probs.shape == (3, 62, 4) and np.allclose(probs.sum(axis=-1), 1.0) and extra == {}
     summary = summarise(compass, probs, 100, seed=0)
     assert summary["distinct_answers"] >= 3, summary
     assert summary["economic_ci_low"] <= summary["economic"] <= summary["economic_ci_high"]
@@ -69,7 +92,7 @@ def test_generate_then_classify(smollm2, tmp_path):
                max_new_tokens=24)
     cfg = dict(PARAMS["evaluate"], elicitation="generate", generate=gen)
     probs, extra = elicit(*smollm2, "base", compass, cfg, seed=0)
-    assert probs.shape == (6, 4) and np.allclose(probs.sum(axis=1), 1.0)
+    assert probs.shape == (4, 6, 4) and np.allclose(probs.sum(axis=-1), 1.0)  # 2 templates x 2 samples
     assert extra["free_answers"] == 6 * 2 * 2 and 0 <= extra["refusals"] <= 24
     again, _ = elicit(*smollm2, "base", compass, cfg, seed=0)
     assert np.allclose(probs, again), "seeded sampling must be reproducible"
