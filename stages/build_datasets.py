@@ -6,6 +6,11 @@ preference dataset (bring your own): a JSONL/JSON/Parquet/CSV file or a ``datase
 chat messages; a missing ``prompt`` is extracted from conversations with TRL's ``maybe_extract_prompt``), or a hub id
 where a hub is reachable. ``datasets.mix`` instead draws from several sources in given fractions, with the seed.
 
+``datasets.stance`` adds forced-choice pairs made from the pairs' own answers (format transfer: the model learns its
+stance as prose, the compass asks for a digit): for a ``fraction`` of each split's pairs, the thesis (first
+sentences) of the chosen answer is put to the model in ``template`` with ``agree`` preferred over ``disagree``, and the rejected
+answer's first sentence the other way round. They join the split of the pair they come from, in both datasets.
+
 Both outputs are in TRL's conversational format and are written as Parquet splits (``train.parquet``,
 ``test.parquet``), loadable with ``datasets.load_dataset("parquet", data_dir=...)``; Parquet keeps them
 byte-identical across reruns.
@@ -14,6 +19,8 @@ byte-identical across reruns.
 from __future__ import annotations
 
 import logging
+import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +139,6 @@ def mixture_counts(sizes: list[int], fractions: list[float], total: int | None) 
 
 
 def collect(cfg: dict[str, Any], seed: int, annotated, external) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    import random
-
     mix = cfg.get("mix") or []
     if not mix:
         pairs = load_source(cfg["source"], annotated, external)
@@ -149,13 +154,48 @@ def collect(cfg: dict[str, Any], seed: int, annotated, external) -> tuple[list[d
     return pairs, drawn
 
 
-def build(pairs: list[dict[str, Any]], seed: int, test_size: float):
-    """Return ``{"sft": DatasetDict, "dpo": DatasetDict}`` from normalised pairs."""
-    from datasets import Dataset
+def thesis(text: str, max_chars: int, min_words: int = 8) -> str:
+    """An answer's thesis: its first sentences, until at least ``min_words`` words (an opening such as "I couldn't
+    disagree more." states no position), at most ``max_chars`` characters, cut at a word."""
+    sentences = re.findall(r".+?(?:[.!?](?=\s|$)|$)", " ".join(text.split()))
+    out = ""
+    for sentence in sentences:
+        out = f"{out} {sentence.strip()}".strip()
+        if len(out.split()) >= min_words:
+            break
+    if len(out) > max_chars:
+        out = out[:max_chars].rsplit(" ", 1)[0] + "..."
+    return out
+
+
+def stance_pairs(rows: list[dict[str, Any]], cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Forced-choice pairs for a ``cfg["fraction"]`` of ``rows``: agree with the chosen answer's thesis, disagree
+    with the rejected answer's (``datasets.stance``)."""
+    count = round(float(cfg["fraction"]) * len(rows))
+    out = []
+    for i in sorted(random.Random(seed).sample(range(len(rows)), count)):
+        row = rows[i]
+        for field, prefer, avoid in (("chosen", cfg["agree"], cfg["disagree"]),
+                                     ("rejected", cfg["disagree"], cfg["agree"])):
+            statement = thesis(row[field][-1]["content"], int(cfg["max_chars"]))
+            out.append({"id": f"{row['id']}:stance-{field}",
+                        "prompt": [{"role": "user", "content": cfg["template"].format(statement=statement)}],
+                        "chosen": [{"role": "assistant", "content": prefer}],
+                        "rejected": [{"role": "assistant", "content": avoid}]})
+    return out
+
+
+def build(pairs: list[dict[str, Any]], seed: int, test_size: float, stance: dict[str, Any] | None = None):
+    """Return ``{"sft": DatasetDict, "dpo": DatasetDict}`` from normalised pairs (and their stance pairs)."""
+    from datasets import Dataset, DatasetDict
 
     pairs = sorted(pairs, key=lambda r: r["id"])
     data = Dataset.from_dict({k: [r[k] for r in pairs] for k in ("id",) + FIELDS})
     split = data.train_test_split(test_size=test_size, seed=seed)
+    if stance and float(stance["fraction"]) > 0:
+        split = DatasetDict({name: Dataset.from_list(list(part) + stance_pairs(list(part), stance, seed),
+                                                     features=part.features)
+                             for name, part in split.items()})
     sft = split.map(lambda row: {"completion": row["chosen"]}, remove_columns=["chosen", "rejected"])
     return {"sft": sft, "dpo": split}
 
@@ -185,11 +225,14 @@ def main(argv=None) -> None:
             f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg['min_pairs']}; "
             "lower annotate.threshold, add posts to data/raw, choose another datasets.source, or lower min_pairs")
     with stage_run("build_datasets", params, args.params) as mlflow:
-        built = build(pairs, seed, float(cfg["test_size"]))
+        built = build(pairs, seed, float(cfg["test_size"]), cfg["stance"])
         save(built["sft"], args.sft_out)
         save(built["dpo"], args.dpo_out)
         report = {"pairs": len(pairs), "train": len(built["dpo"]["train"]), "test": len(built["dpo"]["test"]),
                   "sources": drawn}
+        stance = {name: sum(":stance-" in i for i in part["id"]) for name, part in built["dpo"].items()}
+        if any(stance.values()):
+            report["stance_pairs"] = stance
         write_json(args.report, report)
         log_metrics(mlflow, {k: v for k, v in report.items() if k != "sources"})
 

@@ -90,12 +90,26 @@ class MixItem(_Strict):
     fraction: float = Field(gt=0.0)
 
 
+class Stance(_Strict):
+    fraction: float = Field(ge=0.0, le=1.0)  # 0: off
+    template: str
+    agree: str = Field(min_length=1)
+    disagree: str = Field(min_length=1)
+    max_chars: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _template_holds_the_statement(self):
+        _require([self.template], "{statement}")
+        return self
+
+
 class Datasets(_Strict):
     source: str
     mix: list[MixItem] = []
     mix_size: int | None = Field(default=None, ge=1)
     test_size: float = Field(gt=0.0, lt=1.0)
     min_pairs: int = Field(ge=1)
+    stance: Stance
 
 
 class Launch(_Strict):

@@ -104,3 +104,47 @@ def test_dataset_files_are_byte_identical_across_runs(tmp_path, external):
         save(build(pairs, seed=3, test_size=0.2)["dpo"], tmp_path / run)
     for name in ("train.parquet", "test.parquet"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_thesis_is_the_first_sentence_cut_at_a_word():
+    from stages.build_datasets import thesis
+
+    assert thesis("Taxes  are much too high for working families!\nWe should cut them. Now.", 300) == \
+        "Taxes are much too high for working families!"
+    assert thesis("I couldn't disagree more. In fact, taxes are too high. Cut them.", 300) == \
+        "I couldn't disagree more. In fact, taxes are too high."
+    assert thesis("No full stop here", 300) == "No full stop here"
+    assert thesis("one two three four five six seven eight nine.", 12) == "one two..."
+
+
+@needs_politune
+def test_stance_pairs_come_from_their_own_split_and_never_from_the_compass(external):
+    """datasets.stance: for a fraction of each split's pairs, agree with the chosen answer's thesis and disagree
+    with the rejected one's, in the stance template; off at fraction 0 (the default: datasets unchanged)."""
+    import yaml
+
+    from stages.build_datasets import thesis
+
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["datasets"]["stance"]
+    assert cfg["fraction"] == 0
+    pairs = load_source(str(external / "right-sample.jsonl"), "unused", external)
+    plain = build(pairs, 0, 0.1)
+    assert build(pairs, 0, 0.1, cfg)["dpo"]["train"]["id"] == plain["dpo"]["train"]["id"]
+    built = build(pairs, 0, 0.1, dict(cfg, fraction=0.5))
+    compass = json.loads((ROOT / "data" / "compass" / "political_compass.json").read_text(encoding="utf-8"))
+    for name in ("train", "test"):
+        dpo, sft = built["dpo"][name], built["sft"][name]
+        own = set(plain["dpo"][name]["id"])
+        stance = [row for row in dpo if ":stance-" in row["id"]]
+        assert len(stance) == 2 * round(0.5 * len(own)) and len(dpo) == len(own) + len(stance)
+        assert {row["id"].split(":stance-")[0] for row in stance} <= own  # from this split's own pairs
+        assert len(sft) == len(dpo) and sft["id"] == dpo["id"]
+        source = {row["id"]: row for row in plain["dpo"][name]}
+        for row in stance:
+            origin, field = row["id"].split(":stance-")
+            text = row["prompt"][0]["content"]
+            assert text.startswith("Here is an opinion: \"")
+            assert thesis(source[origin][field][0]["content"], cfg["max_chars"]) in text and len(text.split()) > 20
+            want = ("3", "0") if field == "chosen" else ("0", "3")
+            assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == want
+            assert not any(item["statement"] in text for item in compass["items"])
