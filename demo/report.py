@@ -59,9 +59,9 @@ def git(*args: str, cwd: str | Path = ".") -> str:
     return proc.stdout
 
 
-def experiment_revs(prefix: str, cwd: str | Path = ".") -> dict[str, str]:
-    """Experiment commit per demo suffix, for experiments ``<prefix>-<suffix>`` based on HEAD."""
-    head = git("rev-parse", "HEAD", cwd=cwd).strip()
+def experiment_revs(prefix: str, cwd: str | Path = ".", baseline: str = "HEAD") -> dict[str, str]:
+    """Experiment commit per demo suffix, for experiments ``<prefix>-<suffix>`` based on ``baseline``."""
+    head = git("rev-parse", baseline, cwd=cwd).strip()
     revs = {}
     for line in git("for-each-ref", "refs/exps", "--format=%(refname) %(objectname)", cwd=cwd).splitlines():
         ref, sha = line.split()
@@ -265,15 +265,17 @@ def log_to_mlflow(report: dict[str, Any], out: Path, tags: dict[str, str]) -> No
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefix", default="demo", help="experiments <prefix>-right, -left, -right-dpo-only, ...")
+    parser.add_argument("--baseline", default="HEAD", help="the commit the experiments were queued on")
     parser.add_argument("--compass", default="data/compass/political_compass.json")
     parser.add_argument("--out", default="reports/demo")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
-    revs = experiment_revs(args.prefix)
+    baseline = git("rev-parse", args.baseline).strip()
+    revs = experiment_revs(args.prefix, baseline=baseline)
     if "right" not in revs or "left" not in revs:
-        raise InputError(f"no experiments {args.prefix}-right and {args.prefix}-left on this commit "
+        raise InputError(f"no experiments {args.prefix}-right and {args.prefix}-left on {baseline[:7]} "
                          f"(found: {sorted(revs) or 'none'}); run `make demo` first")
     experiments = {suffix: load_experiment(rev) for suffix, rev in revs.items() if suffix in ROLES}
     summaries, answers, judge = collect(experiments)
@@ -287,7 +289,7 @@ def main(argv=None) -> None:
         tmp.write_text(markdown(report), encoding="utf-8")
     print(markdown(report))
     if not args.no_mlflow:
-        log_to_mlflow(report, out, {"git.commit": git("rev-parse", "HEAD").strip()})
+        log_to_mlflow(report, out, {"git.commit": baseline})
 
 
 if __name__ == "__main__":

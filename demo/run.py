@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from demo import report
 
+    baseline = report.git("rev-parse", "HEAD").strip()  # the experiments' baseline, even if HEAD moves meanwhile
     if not args.report_only:
         exps = experiments(args.prefix, args.data, args.right_file, args.left_file)
         copy = []
@@ -111,12 +112,13 @@ def main(argv=None) -> None:
             subprocess.run(["dvc", "queue", "start", "-j", "1"], check=True, stdout=subprocess.DEVNULL)
             status = wait_for_queue(args.timeout)
             print(f"demo experiments finished in {time.monotonic() - started:.0f} s", flush=True)
-            missing = sorted(set(exps) - {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix)})
+            missing = sorted(set(exps) - {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix,
+                                                                                             baseline=baseline)})
             if missing:
                 raise InputError(f"demo experiments {missing} failed (see `dvc queue logs <name>`):\n{status}")
         finally:
             shutil.rmtree(EXTERNAL, ignore_errors=True)
-    report.main(["--prefix", args.prefix])
+    report.main(["--prefix", args.prefix, "--baseline", baseline])
 
 
 if __name__ == "__main__":

@@ -130,7 +130,10 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    report.main(["--bootstrap", "200", "--permutations", "200"])
+    git("commit", "-q", "--allow-empty", "-m", "a commit made while the demo ran")  # HEAD moves on
+    with pytest.raises(InputError, match="no experiments demo-right and demo-left on"):
+        report.main(["--no-mlflow"])
+    report.main(["--bootstrap", "200", "--permutations", "200", "--baseline", head])
     out = json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())
     assert set(out["experiments"]) == {"demo-right", "demo-left", "demo-right-dpo-only"}
     assert set(out["models"]) == {"base", "right_sft", "right", "left_sft", "left", "right_dpo_only"}
