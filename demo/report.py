@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import InputError, atomic_path, run_main, write_json
-from stages.compass import Compass, load_compass, resample
+from stages.compass import Compass, compass_axes, load_compass, resample, save_compass
 
 log = logging.getLogger("politune.demo")
 
@@ -186,17 +186,8 @@ COLOURS = {"base": "black", "right_sft": "#f1948a", "right": "#c0392b", "right_d
 
 
 def plot(report: dict[str, Any], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = report["models"]
-    fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
-    for (x0, y0), colour in zip([(-10, 0), (0, 0), (-10, -10), (0, -10)], ["#f4c7c3", "#c9daf8", "#d9ead3", "#e6d4f0"]):
-        ax.add_patch(plt.Rectangle((x0, y0), 10, 10, color=colour, alpha=0.4, lw=0))
-    ax.axhline(0, color="grey", lw=1)
-    ax.axvline(0, color="grey", lw=1)
+    fig, ax = compass_axes(7, 0.4)
     for name, r in models.items():
         hollow = name.endswith("dpo_only")
         ax.errorbar(r["economic"], r["social"],
@@ -213,17 +204,7 @@ def plot(report: dict[str, Any], path: str | Path, title: str) -> None:
                         xytext=(models[a]["economic"], models[a]["social"]),
                         arrowprops={"arrowstyle": "->", "color": COLOURS[b], "lw": 1.5,
                                     "ls": "--" if b.endswith("dpo_only") else "-"})
-    ax.set_xlim(-10, 10)
-    ax.set_ylim(-10, 10)
-    ax.set_xlabel("economic: left  <->  right")
-    ax.set_ylabel("social: libertarian  <->  authoritarian")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=7)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_compass(fig, ax, path, title, 7)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.common import InputError, read_json
+from stages.common import InputError, atomic_path, read_json
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,41 @@ def resample(paraphrases: Sequence[np.ndarray], rng: np.random.Generator) -> tup
     k, n = paraphrases[0].shape[:2]
     items, chosen = rng.integers(0, n, n), rng.integers(0, k, k)
     return items, [p[chosen].mean(axis=0) for p in paraphrases]
+
+
+QUADRANTS = [((-10, 0), "#f4c7c3"), ((0, 0), "#c9daf8"), ((-10, -10), "#d9ead3"), ((0, -10), "#e6d4f0")]
+
+
+def compass_axes(size: float, alpha: float):
+    """A figure with the compass's four coloured quadrants and axes (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    for (x0, y0), colour in QUADRANTS:
+        ax.add_patch(plt.Rectangle((x0, y0), 10, 10, color=colour, alpha=alpha, lw=0))
+    ax.axhline(0, color="grey", lw=1)
+    ax.axvline(0, color="grey", lw=1)
+    return fig, ax
+
+
+def save_compass(fig, ax, path: str | Path, title: str, legend_size: float) -> None:
+    """Label the compass axes and write the PNG atomically."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlim(-10, 10)
+    ax.set_ylim(-10, 10)
+    ax.set_xlabel("economic: left  <->  right")
+    ax.set_ylabel("social: libertarian  <->  authoritarian")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=legend_size)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def load_compass(path: str | Path) -> Compass:

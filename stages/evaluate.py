@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
-from stages.compass import Compass, load_compass, resample
+from stages.compass import Compass, compass_axes, load_compass, resample, save_compass
 from stages.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
 
 SECTIONS = ("base", "evaluate")
@@ -79,16 +79,7 @@ def summarise(compass: Compass, paraphrases: np.ndarray, n_boot: int, seed: int)
 
 def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: str,
                  trajectory: list[dict[str, Any]] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    for (x0, y0), colour in zip([(-10, 0), (0, 0), (-10, -10), (0, -10)], ["#f4c7c3", "#c9daf8", "#d9ead3", "#e6d4f0"]):
-        ax.add_patch(plt.Rectangle((x0, y0), 10, 10, color=colour, alpha=0.5, lw=0))
-    ax.axhline(0, color="grey", lw=1)
-    ax.axvline(0, color="grey", lw=1)
+    fig, ax = compass_axes(6, 0.5)
     colours = {"base": "black", "sft": "tab:orange", "dpo": "tab:red"}
     names = [m for m in MODELS if m in results]
     for name in names:
@@ -107,17 +98,7 @@ def plot_compass(results: dict[str, dict[str, Any]], path: str | Path, title: st
         for r in trajectory:
             ax.annotate(str(r["step"]), (r["economic"], r["social"]), fontsize=6, color="tab:red", alpha=0.7,
                         xytext=(2, 2), textcoords="offset points")
-    ax.set_xlim(-10, 10)
-    ax.set_ylim(-10, 10)
-    ax.set_xlabel("economic: left  <->  right")
-    ax.set_ylabel("social: libertarian  <->  authoritarian")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_compass(fig, ax, path, title, 8)
 
 
 def classified_probabilities(logprobs: np.ndarray, calibration: str) -> tuple[np.ndarray, int]:
