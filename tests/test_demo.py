@@ -76,7 +76,7 @@ def test_one_changed_proposition_is_not_significant(compass):
 def test_experiments_share_the_recipe_and_differ_in_data_and_start():
     exps = run.experiments("demo", "data-dir", "r.jsonl", "l.jsonl")
     assert set(exps) == {"demo-right", "demo-left", "demo-right-dpo-only", "demo-left-dpo-only"}
-    assert "datasets.source=data/external/demo/l.jsonl" in exps["demo-left"]
+    assert exps["demo-left"] == ["datasets.source=data/external/demo/l.jsonl"]  # annotation unused: no ideology
     assert exps["demo-right-dpo-only"] == exps["demo-right"] + ["recipe.dpo_start=base"]
     assert run.experiments("demo", "annotated", "r", "l")["demo-left"] == ["ideology=left", "datasets.source=annotated"]
 
