@@ -62,6 +62,11 @@ def experiments(prefix: str, data: str, right_file: str, left_file: str) -> dict
     return exps
 
 
+def settings(flags: list[str], extra: list[str], recipe: bool = True) -> list[str]:
+    """The ``-S`` arguments of one experiment: the CPU recipe (unless ``recipe`` is off), its own flags, extras."""
+    return [x for kv in (RECIPE if recipe else []) + flags + extra for x in ("-S", kv)]
+
+
 def wait_for_queue(timeout: float) -> str:
     deadline = time.monotonic() + timeout
     last = ""
@@ -85,6 +90,8 @@ def main(argv=None) -> None:
     parser.add_argument("--left-file", default="left-sample.jsonl")
     parser.add_argument("--prefix", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params (-S)")
+    parser.add_argument("--no-recipe", action="store_true",
+                        help="train with params.yaml as it is (e.g. after a paper profile), not the CPU recipe")
     parser.add_argument("--timeout", type=float, default=3 * 3600)
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
     args = parser.parse_args(argv)
@@ -107,7 +114,7 @@ def main(argv=None) -> None:
         try:
             for name, flags in exps.items():
                 sh(["dvc", "exp", "remove", name], check=False)  # rerunning the demo replaces its experiments
-                sets = [x for kv in RECIPE + flags + args.set for x in ("-S", kv)]
+                sets = settings(flags, args.set, recipe=not args.no_recipe)
                 sh(["dvc", "exp", "run", "--queue", "-n", name, *copy, *sets])
             started = time.monotonic()
             # The queue worker is a daemon that inherits stdout: do not capture it, or this call waits for the queue.

@@ -79,6 +79,9 @@ def test_experiments_share_the_recipe_and_differ_in_data_and_start():
     assert exps["demo-left"] == ["datasets.source=data/external/demo/l.jsonl"]  # annotation unused: no ideology
     assert exps["demo-right-dpo-only"] == exps["demo-right"] + ["recipe.dpo_start=base"]
     assert run.experiments("demo", "annotated", "r", "l")["demo-left"] == ["ideology=left", "datasets.source=annotated"]
+    sets = run.settings(exps["demo-left"], ["dpo.beta=0.2"])
+    assert sets[::2] == ["-S"] * (len(run.RECIPE) + 2) and sets[-1] == "dpo.beta=0.2"  # extras override the recipe
+    assert run.settings(exps["demo-left"], [], recipe=False) == ["-S", "datasets.source=data/external/demo/l.jsonl"]
 
 
 def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[str, float], paraphrases: int = 0):
