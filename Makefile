@@ -36,12 +36,14 @@ test-fast: env
 bench: repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.run
 
-# Right vs left vs base, and DPO without SFT: four queued DVC experiments and reports/demo/ (about 50 min on CPU).
-# DEMO_DATA=annotated trains on the project's own annotation instead of the PoliTune authors' samples.
+# Right vs left vs base, and DPO without SFT: four queued DVC experiments and reports/demo/ (about 71 min on 2 CPU cores).
+# DEMO_DATA=annotated trains on the project's own annotation instead of the PoliTune authors' samples;
+# DEMO_ARGS passes options to demo/run.py (e.g. --no-recipe, --set key=value).
 DEMO_DATA ?= ../shared/reference/politune
+DEMO_ARGS ?=
 demo: env
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_ARGS)
 
 clean-env:
 	rm -rf $(VENV)
