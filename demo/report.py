@@ -95,9 +95,7 @@ def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], di
                 raise InputError(f"experiment {suffix}: reports/metrics.json has no model {name!r}")
             rows = exp["answers"]
             got = {"answer": np.array([int(row[f"{name}_answer"]) for row in rows])}
-            k = 0
-            while rows and f"{name}_q{k}_p0" in rows[0]:
-                k += 1
+            k = sum(1 for c in (rows[0] if rows else ()) if c.startswith(f"{name}_q") and c.endswith("_p0"))
             columns = [[f"{name}_q{j}_p{o}" for o in range(4)] for j in range(k)] or (
                 [[f"{name}_p{o}" for o in range(4)]] if rows and f"{name}_p0" in rows[0] else [])
             if columns:

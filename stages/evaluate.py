@@ -38,7 +38,8 @@ log = logging.getLogger("politune.evaluate")
 
 
 def paraphrase_probabilities(logprobs: np.ndarray, calibration: str) -> np.ndarray:
-    """paraphrases x items x options log-probs -> probabilities of the same shape (calibrated per paraphrase)."""
+    """paraphrases x items x options log-probs -> probabilities of the same shape (``mean``: each option's mean
+    log-probability over the items is subtracted first, per paraphrase)."""
     lp = logprobs
     if calibration == "mean":
         lp = lp - lp.mean(axis=1, keepdims=True)
@@ -107,9 +108,7 @@ def classified_probabilities(logprobs: np.ndarray, calibration: str) -> tuple[np
     Returns the answers x items x 4 probabilities for scoring (the refusal mass removed and the rest renormalised,
     since the compass needs one of the four answers) and the number of answers classified as refusals.
     """
-    lp = logprobs - logprobs.mean(axis=1, keepdims=True) if calibration == "mean" else logprobs
-    p = np.exp(lp - lp.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    p = paraphrase_probabilities(logprobs, calibration)
     refusals = int((p.argmax(axis=-1) == 4).sum())
     return p[..., :4] / p[..., :4].sum(axis=-1, keepdims=True), refusals
 
