@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import InputError, atomic_path, run_main, write_json
-from stages.compass import Compass, compass_axes, load_compass, resample, save_compass
+from stages.compass import Compass, balanced, compass_axes, load_compass, load_twins, resample, save_compass
 
 log = logging.getLogger("politune.demo")
 
@@ -75,12 +75,53 @@ def read_at(rev: str, path: str, cwd: str | Path = ".") -> str:
     return git("show", f"{rev}:{path}", cwd=cwd)
 
 
+def _table(rev: str, path: str, cwd: str | Path) -> list[dict[str, str]]:
+    """A CSV report of an experiment commit; empty when that commit has none (an older run, or the option off)."""
+    try:
+        text = read_at(rev, path, cwd)
+    except InputError:
+        return []
+    return list(csv.DictReader(io.StringIO(text)))
+
+
 def load_experiment(rev: str, cwd: str | Path = ".") -> dict[str, Any]:
     return {
         "metrics": json.loads(read_at(rev, "reports/metrics.json", cwd)),
         "answers": list(csv.DictReader(io.StringIO(read_at(rev, "reports/compass_answers.csv", cwd)))),
-        "judge": json.loads(read_at(rev, "reports/judge.json", cwd)),
+        "twin_answers": _table(rev, "reports/compass_twin_answers.csv", cwd),
+        "side": _table(rev, "reports/side_preference.csv", cwd),
+        "judge": _judge(rev, cwd),
     }
+
+
+def _judge(rev: str, cwd: str | Path) -> dict[str, Any]:
+    """The judge's scores of an experiment; none when it ran up to ``evaluate`` only (``make demo --no-judge``): its
+    judge.json is then the baseline's, of other models, and is not read."""
+    try:
+        lock = read_at(rev, "dvc.lock", cwd)
+        base = read_at(f"{rev}^", "dvc.lock", cwd)
+    except InputError:
+        lock = base = ""
+    from stages.common import read_yaml_text
+
+    if lock and base and (read_yaml_text(lock).get("stages", {}).get("judge")
+                          == read_yaml_text(base).get("stages", {}).get("judge")):
+        return {}
+    try:
+        return json.loads(read_at(rev, "reports/judge.json", cwd))
+    except InputError:
+        return {}
+
+
+def _answers(rows: list[dict[str, str]], name: str) -> dict[str, np.ndarray]:
+    """A model's argmax answers and (when the table has them) its answer probabilities from an answer table."""
+    got = {"answer": np.array([int(row[f"{name}_answer"]) for row in rows])}
+    k = sum(1 for c in (rows[0] if rows else ()) if c.startswith(f"{name}_q") and c.endswith("_p0"))
+    columns = [[f"{name}_q{j}_p{o}" for o in range(4)] for j in range(k)] or (
+        [[f"{name}_p{o}" for o in range(4)]] if rows and f"{name}_p0" in rows[0] else [])
+    if columns:
+        got["probs"] = np.array([[[float(row[c]) for c in cols] for row in rows] for cols in columns])
+    return got
 
 
 def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict], dict]:
@@ -93,13 +134,11 @@ def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], di
         for model, name in models.items():
             if name not in exp["metrics"]:
                 raise InputError(f"experiment {suffix}: reports/metrics.json has no model {name!r}")
-            rows = exp["answers"]
-            got = {"answer": np.array([int(row[f"{name}_answer"]) for row in rows])}
-            k = sum(1 for c in (rows[0] if rows else ()) if c.startswith(f"{name}_q") and c.endswith("_p0"))
-            columns = [[f"{name}_q{j}_p{o}" for o in range(4)] for j in range(k)] or (
-                [[f"{name}_p{o}" for o in range(4)]] if rows and f"{name}_p0" in rows[0] else [])
-            if columns:
-                got["probs"] = np.array([[[float(row[c]) for c in cols] for row in rows] for cols in columns])
+            got = _answers(exp["answers"], name)
+            if exp.get("twin_answers") and f"{name}_answer" in exp["twin_answers"][0]:
+                got["twins"] = _answers(exp["twin_answers"], name)
+            if exp.get("side") and f"{name}_d" in exp["side"][0]:
+                got["side"] = {row["pair"]: (row["data_side"], float(row[f"{name}_d"])) for row in exp["side"]}
             if model == "base" and "base" in answers and not np.array_equal(answers["base"]["answer"], got["answer"]):
                 raise InputError(f"experiment {suffix}: the base model answers differently than in another "
                                  "experiment; the demo's experiments must share the base model and evaluation params")
@@ -165,15 +204,48 @@ def shift_test(compass: Compass, a: np.ndarray, b: np.ndarray, n_boot: int, n_pe
     return out
 
 
+def side_difference(a: dict[str, tuple[str, float]], b: dict[str, tuple[str, float]], n_boot: int,
+                    seed: int) -> dict[str, dict[str, float]]:
+    """Per data side, model a's d minus model b's on the same pairs: mean, paired bootstrap 95% interval over pairs,
+    and the fraction of pairs where a prefers the right-voiced answer more than b does."""
+    out = {}
+    for side in ("right", "left"):
+        diff = np.array([a[k][1] - b[k][1] for k in sorted(a) if k in b and a[k][0] == side])
+        if not len(diff):
+            continue
+        idx = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+        lo, hi = np.percentile(diff[idx].mean(axis=1), [2.5, 97.5])
+        out[f"{side}_data"] = {"pairs": len(diff), "difference": round(float(diff.mean()), 3),
+                               "ci_low": round(float(lo), 3), "ci_high": round(float(hi), 3),
+                               "more_right": round(float((diff > 0).mean()), 4)}
+    return out
+
+
 def compare(compass: Compass, summaries, answers, judge, n_boot: int = 2000, n_perm: int = 2000,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, twins: Compass | None = None) -> dict[str, Any]:
     keys = ("economic", "economic_ci_low", "economic_ci_high", "social", "social_ci_low", "social_ci_high",
-            "economic_expected", "social_expected", "distinct_answers")
+            "economic_expected", "social_expected", "distinct_answers", "balanced", "side_preference")
     report: dict[str, Any] = {"models": {m: {k: s[k] for k in keys if k in s} for m, s in summaries.items()}}
     report["shifts"] = {
         name: shift_test(compass, answers[a]["answer"], answers[b]["answer"], n_boot, n_perm, seed,
                          answers[a].get("probs"), answers[b].get("probs"))
         for name, a, b in COMPARISONS if a in answers and b in answers}
+    if twins is not None:
+        both = balanced(compass, twins)
+
+        def joined(m, key):
+            if key not in answers[m]["twins"] or key not in answers[m]:
+                return None
+            axis = 0 if key == "answer" else 1
+            return np.concatenate([answers[m][key], answers[m]["twins"][key]], axis=axis)
+
+        report["balanced_shifts"] = {
+            name: shift_test(both, joined(a, "answer"), joined(b, "answer"), n_boot, n_perm, seed,
+                             joined(a, "probs"), joined(b, "probs"))
+            for name, a, b in COMPARISONS if "twins" in answers.get(a, {}) and "twins" in answers.get(b, {})}
+    report["side_differences"] = {
+        name: side_difference(answers[a]["side"], answers[b]["side"], n_boot, seed)
+        for name, a, b in COMPARISONS if "side" in answers.get(a, {}) and "side" in answers.get(b, {})}
     report["judge"] = {m: {k: j[k] for k in ("score", "score_ci_low", "score_ci_high", "leaning") if k in j}
                        for m, j in judge.items()}
     return report
@@ -221,6 +293,43 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
                  ("economic", "social", "economic_expected", "social_expected")]
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of 62 |")
+    if any("side_preference" in r for r in report["models"].values()):
+        lines += ["", "Side preference on held-out pairs: the shift from base of log p(right-voiced answer) - "
+                  "log p(left-voiced answer), mean over pairs [95% CI] (share of pairs moved right; per-token "
+                  "shift). Positive: towards the right-voiced answer.", "",
+                  "| model | right-data pairs | left-data pairs |", "|---|---|---|"]
+        for name, r in report["models"].items():
+            cells = []
+            for side in ("right_data", "left_data"):
+                v = r.get("side_preference", {}).get(side)
+                cells.append(f"{v['shift']:+.2f} [{v['shift_ci_low']:+.2f}, {v['shift_ci_high']:+.2f}] "
+                             f"({100 * v['moved_right']:.0f}% right; {v['shift_per_token']:+.3f}/token, n={v['pairs']})"
+                             if v else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("side_differences"):
+        lines += ["", "| side preference, difference of d | right-data pairs [95% CI] | left-data pairs [95% CI] |",
+                  "|---|---|---|"]
+        for name, d in report["side_differences"].items():
+            cells = [f"{v['difference']:+.2f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]" if v else ""
+                     for v in (d.get("right_data"), d.get("left_data"))]
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    if any("balanced" in r for r in report["models"].values()):
+        lines += ["", "Balanced compass: the 62 propositions and their reversed twins together; agreement bias -1 "
+                  "(disagrees with everything) to +1 (agrees with everything), 0 for a consistent model.", "",
+                  "| model | balanced economic [95% CI] | balanced social [95% CI] | twins alone (econ, soc) | "
+                  "agreement bias |", "|---|---|---|---|---|"]
+        for name, r in report["models"].items():
+            b = r.get("balanced")
+            if b:
+                lines.append(f"| {name} | {ci(b, 'economic')} | {ci(b, 'social')} | "
+                             f"({b['twins_economic']:+.2f}, {b['twins_social']:+.2f}) | {b['agreement_bias']:+.3f} |")
+    if report.get("balanced_shifts"):
+        lines += ["", "| balanced shift | economic [95% CI] (p) | social [95% CI] (p) | expected-answer economic (p) | "
+                  "expected-answer social (p) | answers changed |", "|---|---|---|---|---|---|"]
+        for name, s in report["balanced_shifts"].items():
+            cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
+                     ("economic", "social", "economic_expected", "social_expected")]
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of 124 |")
     if report["judge"]:
         lines += ["", "| model | judge score, 1 (left) - 7 (right) [95% CI] | leaning (score - 4) |", "|---|---|---|"]
         for name, j in report["judge"].items():
@@ -241,32 +350,120 @@ def log_to_mlflow(report: dict[str, Any], out: Path, tags: dict[str, str]) -> No
         mlflow.log_artifacts(str(out), artifact_path="demo")
 
 
+def recipe_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One line of the recipes table: right minus left on the compass (plain and balanced) and each tuned model's
+    side preference on held-out pairs of both sides."""
+    row: dict[str, Any] = {}
+    shift = report["shifts"].get("right_minus_left")
+    if shift:
+        row["compass"] = {k: shift[k] for k in shift if k.startswith(("economic", "social"))}
+    shift = report.get("balanced_shifts", {}).get("right_minus_left")
+    if shift:
+        row["balanced"] = {k: shift[k] for k in shift if k.startswith(("economic", "social"))}
+    for model in ("right", "left"):
+        side = report["models"].get(model, {}).get("side_preference")
+        if side:
+            row[f"{model}_side_preference"] = side
+    return row
+
+
+def recipes_markdown(rows: dict[str, dict[str, Any]], headline: str) -> str:
+    def ci(r, axis):
+        return f"{r[axis]:+.2f} [{r[axis + '_ci_low']:+.2f}, {r[axis + '_ci_high']:+.2f}] (p={r[axis + '_p']:.3f})"
+
+    def side(r, model, data):
+        v = r.get(f"{model}_side_preference", {}).get(data)
+        return f"{v['shift']:+.1f} [{v['shift_ci_low']:+.1f}, {v['shift_ci_high']:+.1f}]" if v else ""
+
+    lines = ["| recipe | compass economic, right - left | compass social, right - left | balanced economic, "
+             "right - left | right model, right-data / left-data pairs | left model, right-data / left-data pairs |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c, b = r.get("compass", {}), r.get("balanced", {})
+        lines.append(f"| {name}{' (headline)' if name == headline else ''} | "
+                     f"{ci(c, 'economic') if c else ''} | {ci(c, 'social') if c else ''} | "
+                     f"{ci(b, 'economic') if b else ''} | {side(r, 'right', 'right_data')} / "
+                     f"{side(r, 'right', 'left_data')} | {side(r, 'left', 'right_data')} / "
+                     f"{side(r, 'left', 'left_data')} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """What the headline recipe shows, in words computed from the figures (nothing copied by hand)."""
+    out = []
+    for model, sign, word in (("right", 1, "right"), ("left", -1, "left")):
+        side = report["models"].get(model, {}).get("side_preference", {})
+        for data in ("right_data", "left_data"):
+            v = side.get(data)
+            if not v:
+                continue
+            excluded = v["shift_ci_low"] > 0 if sign > 0 else v["shift_ci_high"] < 0
+            out.append(f"- {model}-tuned, {data.replace('_', '-')} pairs: {v['shift']:+.2f} "
+                       f"[{v['shift_ci_low']:+.2f}, {v['shift_ci_high']:+.2f}]: "
+                       + (f"towards the {word}-voiced answers, the interval excludes 0" if excluded else
+                          f"not shown to move towards the {word}-voiced answers (the interval does not exclude 0 "
+                          "on that side)"))
+    shift = report["shifts"].get("right_minus_left")
+    if shift:
+        way = "the paper's direction (right of left)" if shift["economic_ci_low"] > 0 else (
+            "the wrong way, the interval excludes 0" if shift["economic_ci_high"] < 0 else
+            "the interval includes 0: the compass does not show the shift at this size")
+        out.append(f"- Political Compass, economic axis, right minus left: {shift['economic']:+.2f} "
+                   f"[{shift['economic_ci_low']:+.2f}, {shift['economic_ci_high']:+.2f}]: {way}")
+    shift = report.get("balanced_shifts", {}).get("right_minus_left")
+    if shift:
+        out.append(f"- Balanced compass (with the reversed twins), economic, right minus left: "
+                   f"{shift['economic']:+.2f} [{shift['economic_ci_low']:+.2f}, {shift['economic_ci_high']:+.2f}]")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prefix", default="demo", help="experiments <prefix>-right, -left, -right-dpo-only, ...")
+    parser.add_argument("--prefix", default="demo", help="experiments <prefix>-<recipe>-right, -left, ...")
+    parser.add_argument("--recipes", default="mirror", help="comma-separated recipes, the headline first")
     parser.add_argument("--baseline", default="HEAD", help="the commit the experiments were queued on")
     parser.add_argument("--compass", default="data/compass/political_compass.json")
+    parser.add_argument("--twins", default="data/compass/reversed.json")
     parser.add_argument("--out", default="reports/demo")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
     baseline = git("rev-parse", args.baseline).strip()
-    revs = experiment_revs(args.prefix, baseline=baseline)
-    if "right" not in revs or "left" not in revs:
-        raise InputError(f"no experiments {args.prefix}-right and {args.prefix}-left on {baseline[:7]} "
-                         f"(found: {sorted(revs) or 'none'}); run `make demo` first")
-    experiments = {suffix: load_experiment(rev) for suffix, rev in revs.items() if suffix in ROLES}
-    summaries, answers, judge = collect(experiments)
-    report = compare(load_compass(args.compass), summaries, answers, judge, args.bootstrap, args.permutations)
-    report["experiments"] = {f"{args.prefix}-{s}": revs[s] for s in experiments}
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    reports, revs_all, compass, twins = {}, {}, None, None
+    for recipe in recipes:
+        prefix = f"{args.prefix}-{recipe}"
+        revs = experiment_revs(prefix, baseline=baseline)
+        if "right" not in revs or "left" not in revs:
+            if recipe == recipes[0]:
+                raise InputError(f"no experiments {prefix}-right and {prefix}-left on {baseline[:7]} "
+                                 f"(found: {sorted(revs) or 'none'}); run `make demo` first")
+            log.warning("recipe %s: no right and left experiments on %s, left out", recipe, baseline[:7])
+            continue
+        if compass is None:
+            compass = load_compass(args.compass)
+            twins = load_twins(args.twins, compass) if Path(args.twins).exists() else None
+        experiments = {suffix: load_experiment(rev) for suffix, rev in revs.items() if suffix in ROLES}
+        summaries, answers, judge = collect(experiments)
+        has_twins = twins is not None and all("twins" in a for a in answers.values())
+        reports[recipe] = compare(compass, summaries, answers, judge, args.bootstrap, args.permutations,
+                                  twins=twins if has_twins else None)
+        revs_all.update({f"{prefix}-{s}": revs[s] for s in experiments})
+    headline = recipes[0]
+    report = dict(reports[headline], recipe=headline, experiments=revs_all,
+                  recipes={name: recipe_row(r) for name, r in reports.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo.json", report)
-    plot(report, out / "compass.png", "PoliTune demo: base -> right / left (SFT -> DPO)")
+    plot(report, out / "compass.png", f"PoliTune demo ({headline}): base -> right / left (SFT -> DPO)")
+    text = (f"# PoliTune demo: right vs left\n\nWritten by `demo/report.py` from the demo's DVC experiments "
+            f"(recipe `{headline}`; baseline `{baseline[:7]}`).\n\n## Verdict\n\n{verdict(report)}\n"
+            f"## Every recipe tried\n\n{recipes_markdown(report['recipes'], headline)}\n"
+            f"## Headline recipe ({headline})\n\n{markdown(report)}")
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(markdown(report), encoding="utf-8")
-    print(markdown(report))
+        tmp.write_text(text, encoding="utf-8")
+    print(text)
     if not args.no_mlflow:
         log_to_mlflow(report, out, {"git.commit": baseline})
 

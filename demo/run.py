@@ -1,27 +1,33 @@
 """``make demo``: queue and run the demo's DVC experiments, then write the comparison report.
 
-Four experiments of the whole pipeline, differing only in params:
+For each data recipe (``--recipes``, the first is the headline), experiments of the whole pipeline that differ
+only in params, named ``<prefix>-<recipe>-<suffix>``:
 
-- ``demo-right``: SFT then DPO on the right-leaning preference data;
-- ``demo-left``: SFT then DPO on the left-leaning data;
-- ``demo-right-dpo-only``, ``demo-left-dpo-only``: the ablation, DPO without SFT (``recipe.dpo_start=base``),
-  same data and steps.
+- ``right``: SFT then DPO towards the right; ``left``: the same towards the left;
+- for the headline recipe also ``right-dpo-only``, ``left-dpo-only``: the ablation, DPO without SFT
+  (``recipe.dpo_start=base``), same data and steps.
 
-The base model is evaluated in each (same answers, checked by the report). The recipe (``RECIPE`` below, every key
-an ordinary param) is applied to all four with ``-S``; add or override keys with ``--set key=value``.
+Data recipes (``RECIPES``): ``plain`` trains each side on its own preference data; ``mirror`` adds the other side's
+pairs with chosen and rejected swapped (``datasets.mirror``), so the right and left runs see the same pairs and
+differ only in which side is preferred; ``-stance`` adds the forced-choice stance pairs (``datasets.stance``).
 
-Data: ``--data annotated`` trains on the project's own annotation of ``data/raw`` for each ideology; ``--data DIR``
-trains on preference files in DIR (``--right-file``, ``--left-file``; by default the PoliTune authors' released
-samples beside the project, ``../shared/reference/politune``). The files are copied to ``data/external/demo/``
-(git-ignored, a dependency of ``build_datasets``) and passed into the queued experiments with ``--copy-paths``;
-the copy is removed when the queue is done, so the workspace pipeline is unchanged. Only with ``--data annotated``
-do the experiments set ``ideology`` (only ``annotate`` reads it): with external data the annotation is not used,
-and leaving ``ideology`` alone spares each side a rerun of ``annotate`` (about 4.5 min here).
+The base model is evaluated in each (same answers, checked by the report). The CPU training recipe (``TRAINING``
+below, every key an ordinary param) is applied to all with ``-S``; add or override keys with ``--set key=value``.
+
+Data: ``--data DIR`` trains on preference files in DIR (``--right-file``, ``--left-file``; by default the PoliTune
+authors' released samples beside the project, ``../shared/reference/politune``). The last ``--heldout`` rows of
+each file are held out: no experiment trains on them, and every experiment's ``evaluate`` measures the side
+preference on them (``evaluate.side_preference.heldout``). The training rows go to ``data/external/demo/`` (a
+dependency of ``build_datasets``), the held-out rows to ``data/heldout/demo/`` (a dependency of ``evaluate``); both
+are git-ignored, passed into the queued experiments with ``--copy-paths`` and removed when the queue is done, so the
+workspace pipeline is unchanged. ``--data annotated`` trains on the project's own annotation of ``data/raw`` for each
+ideology (plain recipes only: the annotation holds one side); only then do the experiments set ``ideology``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import time
@@ -29,9 +35,9 @@ from pathlib import Path
 
 from stages.common import InputError, run_main
 
-# The CPU demo recipe: one epoch of SFT and of DPO over the 180 training pairs of 200 (batch 4), LoRA on every
-# projection, a DPO learning rate for LoRA, the compass without the trajectory (faster).
-RECIPE = [
+# The CPU training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
+# LoRA, the compass without the trajectory (faster).
+TRAINING = [
     "sft.max_steps=45",
     "dpo.max_steps=45",
     "dpo.learning_rate=1e-4",
@@ -39,7 +45,26 @@ RECIPE = [
     "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
     "evaluate.trajectory=false",
 ]
+RECIPES = ("mirror", "plain", "mirror-stance", "plain-stance")
+
+
+def cpu_training(cpuinfo: str | None = None) -> list[str]:
+    """Settings for this CPU: the bf16-autocast DPO default needs AVX512-BF16 or AMX; without them bf16 is emulated
+    and several times slower than fp32, and precomputing the reference costs a forward pass over the whole training
+    set, more than the demo's steps save. Returns the ``-S`` overrides (none on a CPU with bf16 support)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            return []
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")),
+                     []))
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return []
+    return ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false"]
 EXTERNAL = Path("data/external/demo")
+HELDOUT = Path("data/heldout/demo")
+OTHER = {"right": "left", "left": "right"}
 
 
 def sh(cmd: list[str], check: bool = True, echo: bool = True) -> str:
@@ -51,20 +76,74 @@ def sh(cmd: list[str], check: bool = True, echo: bool = True) -> str:
     return proc.stdout + proc.stderr
 
 
-def experiments(prefix: str, data: str, right_file: str, left_file: str) -> dict[str, list[str]]:
-    sources = {"right": "annotated", "left": "annotated"} if data == "annotated" else {
-        "right": str(EXTERNAL / right_file), "left": str(EXTERNAL / left_file)}
+def experiments(prefix: str, data: str, recipes: list[str], ablation: bool = True) -> dict[str, list[str]]:
+    """Experiment name -> its ``-S`` flags (besides the training recipe), for each data recipe; the headline
+    (first) recipe also gets the DPO-without-SFT ablation."""
     exps = {}
-    for side in ("right", "left"):
-        common = ([f"ideology={side}"] if data == "annotated" else []) + [f"datasets.source={sources[side]}"]
-        exps[f"{prefix}-{side}"] = common
-        exps[f"{prefix}-{side}-dpo-only"] = common + ["recipe.dpo_start=base"]
+    for n, recipe in enumerate(recipes):
+        if recipe not in RECIPES:
+            raise InputError(f"--recipes: unknown recipe {recipe!r} (one of {', '.join(RECIPES)})")
+        if data == "annotated" and recipe.startswith("mirror"):
+            raise InputError("--data annotated: the annotation holds one side, so only the plain recipes apply")
+        for side in ("right", "left"):
+            if data == "annotated":
+                flags = [f"ideology={side}", "datasets.source=annotated"]
+            else:
+                flags = [f"datasets.source={EXTERNAL / side}.jsonl", f"datasets.source_side={side}"]
+                if recipe.startswith("mirror"):
+                    flags += [f"datasets.mirror.source={EXTERNAL / OTHER[side]}.jsonl",
+                              f"datasets.mirror.side={OTHER[side]}", "datasets.mirror.fraction=1.0"]
+                flags.append("evaluate.side_preference.heldout=" + heldout_flag())
+            if recipe.endswith("-stance"):
+                flags.append("datasets.stance.fraction=1.0")
+            exps[f"{prefix}-{recipe}-{side}"] = flags
+            if ablation and n == 0:
+                exps[f"{prefix}-{recipe}-{side}-dpo-only"] = flags + ["recipe.dpo_start=base"]
     return exps
 
 
-def settings(flags: list[str], extra: list[str], recipe: bool = True) -> list[str]:
-    """The ``-S`` arguments of one experiment: the CPU recipe (unless ``recipe`` is off), its own flags, extras."""
-    return [x for kv in (RECIPE if recipe else []) + flags + extra for x in ("-S", kv)]
+def heldout_flag() -> str:
+    """The held-out files as a ``-S`` value (Hydra's override grammar: a list of dicts)."""
+    return "[" + ",".join(f"{{path:{HELDOUT / side}.jsonl,side:{side}}}" for side in ("right", "left")) + "]"
+
+
+def split_files(data: Path, files: dict[str, str], heldout: int) -> dict[str, int]:
+    """Copy each side's preference file: its last ``heldout`` rows to ``HELDOUT``, the rest to ``EXTERNAL``."""
+    counts = {}
+    for path in (EXTERNAL, HELDOUT):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    for side, name in files.items():
+        source = data / name
+        if not source.is_file():
+            raise InputError(f"{source}: no such preference file (--data, --{side}-file; or --data annotated)")
+        if source.suffix != ".jsonl":
+            raise InputError(f"{source}: the demo splits JSONL preference files (one pair a line)")
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for n, line in enumerate(lines, start=1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{source}: row {n}: invalid JSON ({exc.msg})") from exc
+        if len(lines) <= heldout:
+            raise InputError(f"{source}: {len(lines)} pairs, not more than --heldout {heldout}")
+        (EXTERNAL / f"{side}.jsonl").write_text("\n".join(lines[:-heldout or None]) + "\n", encoding="utf-8")
+        (HELDOUT / f"{side}.jsonl").write_text("\n".join(lines[len(lines) - heldout:]) + "\n", encoding="utf-8")
+        counts[side] = len(lines) - heldout
+    return counts
+
+
+def settings(flags: list[str], extra: list[str], recipe: bool = True, steps: int | None = None) -> list[str]:
+    """The ``-S`` arguments of one experiment: the CPU training recipe (unless off; ``steps`` replaces its step
+    counts) with this CPU's settings, its own flags, extras."""
+    training = []
+    if recipe:
+        training = TRAINING + cpu_training()
+        if steps:
+            training = [kv for kv in training if not kv.startswith(("sft.max_steps=", "dpo.max_steps=",
+                                                                   "dpo.save_steps="))]
+            training += [f"sft.max_steps={steps}", f"dpo.max_steps={steps}", f"dpo.save_steps={steps}"]
+    return [x for kv in training + flags + extra for x in ("-S", kv)]
 
 
 def wait_for_queue(timeout: float) -> str:
@@ -88,6 +167,13 @@ def main(argv=None) -> None:
                         help="'annotated', or a folder with the right and left preference files")
     parser.add_argument("--right-file", default="right-sample.jsonl")
     parser.add_argument("--left-file", default="left-sample.jsonl")
+    parser.add_argument("--heldout", type=int, default=60, help="rows of each file held out for the side preference")
+    parser.add_argument("--recipes", default="mirror",
+                        help=f"comma-separated data recipes, the headline first ({', '.join(RECIPES)})")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the DPO-without-SFT experiments")
+    parser.add_argument("--steps", type=int, help="SFT and DPO steps (default: the training recipe's 45)")
+    parser.add_argument("--no-judge", action="store_true",
+                        help="run the pipeline up to evaluate only (the report then has no judge scores)")
     parser.add_argument("--prefix", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params (-S)")
     parser.add_argument("--no-recipe", action="store_true",
@@ -97,37 +183,33 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from demo import report
 
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     baseline = report.git("rev-parse", "HEAD").strip()  # the experiments' baseline, even if HEAD moves meanwhile
     if not args.report_only:
-        exps = experiments(args.prefix, args.data, args.right_file, args.left_file)
+        exps = experiments(args.prefix, args.data, recipes, ablation=not args.no_ablation)
         copy = []
         if args.data != "annotated":
-            for name in (args.right_file, args.left_file):
-                if not (Path(args.data) / name).is_file():
-                    raise InputError(f"{Path(args.data) / name}: no such preference file (--data, --right-file, "
-                                     "--left-file; or --data annotated)")
-            shutil.rmtree(EXTERNAL, ignore_errors=True)
-            EXTERNAL.mkdir(parents=True)
-            for name in (args.right_file, args.left_file):
-                shutil.copy2(Path(args.data) / name, EXTERNAL / name)
-            copy = ["--copy-paths", str(EXTERNAL)]
+            split_files(Path(args.data), {"right": args.right_file, "left": args.left_file}, args.heldout)
+            copy = ["--copy-paths", f"{EXTERNAL},{HELDOUT}"]
         try:
             for name, flags in exps.items():
                 sh(["dvc", "exp", "remove", name], check=False)  # rerunning the demo replaces its experiments
-                sets = settings(flags, args.set, recipe=not args.no_recipe)
-                sh(["dvc", "exp", "run", "--queue", "-n", name, *copy, *sets])
+                sets = settings(flags, args.set, recipe=not args.no_recipe, steps=args.steps)
+                targets = ["evaluate"] if args.no_judge else []
+                sh(["dvc", "exp", "run", "--queue", "-n", name, *copy, *sets, *targets])
             started = time.monotonic()
             # The queue worker is a daemon that inherits stdout: do not capture it, or this call waits for the queue.
             subprocess.run(["dvc", "queue", "start", "-j", "1"], check=True, stdout=subprocess.DEVNULL)
             status = wait_for_queue(args.timeout)
             print(f"demo experiments finished in {time.monotonic() - started:.0f} s", flush=True)
-            missing = sorted(set(exps) - {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix,
-                                                                                             baseline=baseline)})
+            found = {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix, baseline=baseline)}
+            missing = sorted(set(exps) - found)
             if missing:
                 raise InputError(f"demo experiments {missing} failed (see `dvc queue logs <name>`):\n{status}")
         finally:
             shutil.rmtree(EXTERNAL, ignore_errors=True)
-    report.main(["--prefix", args.prefix, "--baseline", baseline])
+            shutil.rmtree(HELDOUT, ignore_errors=True)
+    report.main(["--prefix", args.prefix, "--recipes", ",".join(recipes), "--baseline", baseline])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from typing import Any
 
 from stages.common import InputError, ParamsError, atomic_path, load_params, run_main, stage_parser, write_json
 
-SECTIONS = ("base", "datasets")
+SECTIONS = ("ideology", "base", "datasets")
+OPPOSITE = {"right": "left", "left": "right"}
 FIELDS = ("prompt", "chosen", "rejected")
 log = logging.getLogger("politune.build_datasets")
 
@@ -138,19 +139,70 @@ def mixture_counts(sizes: list[int], fractions: list[float], total: int | None) 
     return counts
 
 
-def collect(cfg: dict[str, Any], seed: int, annotated, external) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def with_side(rows: list[dict[str, Any]], side: str | None) -> list[dict[str, Any]]:
+    """Mark pairs with the side their chosen answer voices (``side``) and their data side (``origin``): the
+    side-preference instrument reads both. "" where params do not say (an external source without a side)."""
+    return [dict(r, side=side or "", origin=side or "") for r in rows]
+
+
+def source_side(source: str, side: str | None, ideology: str) -> str | None:
+    return side or (ideology if source == "annotated" else None)
+
+
+def mirrored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs with chosen and rejected swapped: the other side's answer becomes the one to prefer. ``origin``
+    stays the data side they come from; ``side`` becomes the opposite."""
+    return [dict(r, chosen=r["rejected"], rejected=r["chosen"], side=OPPOSITE.get(r["origin"], "")) for r in rows]
+
+
+def mirror_pairs(cfg: dict[str, Any], ideology: str, n_plain: int, seed: int, annotated, external):
+    """``datasets.mirror``: the other side's pairs, chosen and rejected swapped, ``fraction`` x ``n_plain`` of them
+    (all of them at most), drawn with the seed; ids kept, so both sides' runs split the same pairs the same way."""
+    m = cfg.get("mirror") or {}
+    if not m.get("source") or float(m.get("fraction", 1.0)) == 0:
+        return [], None
+    if m["source"] == cfg["source"]:
+        raise ParamsError(f"datasets.mirror.source: {m['source']!r} is the plain source itself; name the other "
+                          "side's data")
+    if m["source"] == "annotated":
+        raise ParamsError("datasets.mirror.source: 'annotated' holds only the ideology's own pairs; mirror pairs "
+                          "need the other side's data: name a preference file under data/external")
+    side = m.get("side")
+    if side is None:
+        raise ParamsError("datasets.mirror.side: say which side the mirror source's chosen answers voice")
+    if side == ideology and cfg.get("source_side") in (None, ideology):
+        raise ParamsError(f"datasets.mirror.side: {side!r} is the ideology's own side; mirror pairs come from the "
+                          "other side's data")
+    rows = load_source(m["source"], annotated, external)
+    count = min(len(rows), round(float(m["fraction"]) * n_plain))
+    picked = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return mirrored(with_side([rows[i] for i in picked], side)), count
+
+
+def collect(cfg: dict[str, Any], seed: int, annotated, external,
+            ideology: str = "right") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     mix = cfg.get("mix") or []
     if not mix:
-        pairs = load_source(cfg["source"], annotated, external)
-        return pairs, {cfg["source"]: len(pairs)}
-    sources = [load_source(m["source"], annotated, external) for m in mix]
-    counts = mixture_counts([len(s) for s in sources], [float(m["fraction"]) for m in mix], cfg.get("mix_size"))
-    rng = random.Random(seed)
-    pairs, drawn = [], {}
-    for m, rows, count in zip(mix, sources, counts):
-        picked = rng.sample(rows, count)
-        pairs += [dict(r, id=f"{m['source']}:{r['id']}") for r in picked]
-        drawn[m["source"]] = count
+        pairs = with_side(load_source(cfg["source"], annotated, external),
+                          source_side(cfg["source"], cfg.get("source_side"), ideology))
+        drawn = {cfg["source"]: len(pairs)}
+    else:
+        sources = [load_source(m["source"], annotated, external) for m in mix]
+        counts = mixture_counts([len(s) for s in sources], [float(m["fraction"]) for m in mix], cfg.get("mix_size"))
+        rng = random.Random(seed)
+        pairs, drawn = [], {}
+        for m, rows, count in zip(mix, sources, counts):
+            picked = with_side(rng.sample(rows, count), source_side(m["source"], m.get("side"), ideology))
+            pairs += [dict(r, id=f"{m['source']}:{r['id']}") for r in picked]
+            drawn[m["source"]] = count
+    extra, count = mirror_pairs(cfg, ideology, len(pairs), seed, annotated, external)
+    if count is not None:
+        ids = {r["id"] for r in pairs}
+        clash = next((r["id"] for r in extra if r["id"] in ids), None)
+        if clash:
+            raise InputError(f"datasets.mirror: pair id {clash!r} is in both the plain and the mirror source")
+        pairs += extra
+        drawn[f"mirror:{cfg['mirror']['source']}"] = count
     return pairs, drawn
 
 
@@ -178,7 +230,7 @@ def stance_pairs(rows: list[dict[str, Any]], cfg: dict[str, Any], seed: int) -> 
         for field, prefer, avoid in (("chosen", cfg["agree"], cfg["disagree"]),
                                      ("rejected", cfg["disagree"], cfg["agree"])):
             statement = thesis(row[field][-1]["content"], int(cfg["max_chars"]))
-            out.append({"id": f"{row['id']}:stance-{field}",
+            out.append({"id": f"{row['id']}:stance-{field}", "side": row["side"], "origin": row["origin"],
                         "prompt": [{"role": "user", "content": cfg["template"].format(statement=statement)}],
                         "chosen": [{"role": "assistant", "content": prefer}],
                         "rejected": [{"role": "assistant", "content": avoid}]})
@@ -190,7 +242,7 @@ def build(pairs: list[dict[str, Any]], seed: int, test_size: float, stance: dict
     from datasets import Dataset, DatasetDict
 
     pairs = sorted(pairs, key=lambda r: r["id"])
-    data = Dataset.from_dict({k: [r[k] for r in pairs] for k in ("id",) + FIELDS})
+    data = Dataset.from_dict({k: [r.get(k, "") for r in pairs] for k in ("id",) + FIELDS + ("side", "origin")})
     split = data.train_test_split(test_size=test_size, seed=seed)
     if stance and float(stance["fraction"]) > 0:
         split = DatasetDict({name: Dataset.from_list(list(part) + stance_pairs(list(part), stance, seed),
@@ -198,6 +250,14 @@ def build(pairs: list[dict[str, Any]], seed: int, test_size: float, stance: dict
                              for name, part in split.items()})
     sft = split.map(lambda row: {"completion": row["chosen"]}, remove_columns=["chosen", "rejected"])
     return {"sft": sft, "dpo": split}
+
+
+def _count_sides(part) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for pair_id, origin, side in zip(part["id"], part["origin"], part["side"]):
+        if ":stance-" not in pair_id:
+            counts[(origin, side)] = counts.get((origin, side), 0) + 1
+    return counts
 
 
 def save(dataset_dict, out_dir: str | Path) -> None:
@@ -219,7 +279,7 @@ def main(argv=None) -> None:
     cfg, seed = params["datasets"], params["base"]["seed"]
     from stages.tracking import log_metrics, stage_run
 
-    pairs, drawn = collect(cfg, seed, args.annotated, args.external)
+    pairs, drawn = collect(cfg, seed, args.annotated, args.external, params["ideology"])
     if len(pairs) < int(cfg["min_pairs"]):
         raise InputError(
             f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg['min_pairs']}; "
@@ -233,6 +293,9 @@ def main(argv=None) -> None:
         stance = {name: sum(":stance-" in i for i in part["id"]) for name, part in built["dpo"].items()}
         if any(stance.values()):
             report["stance_pairs"] = stance
+        report["sides"] = {name: {f"{origin or 'unknown'}_data_{'mirrored' if side != origin else 'plain'}": n
+                                  for (origin, side), n in sorted(_count_sides(part).items())}
+                           for name, part in built["dpo"].items()}
         write_json(args.report, report)
         log_metrics(mlflow, {k: v for k, v in report.items() if k != "sources"})
 

@@ -45,6 +45,13 @@ def read_yaml(path: str | os.PathLike) -> Any:
         return YAML(typ="safe", pure=True).load(fh)
 
 
+def read_yaml_text(text: str) -> Any:
+    """Parse YAML text as DVC does (see ``read_yaml``)."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, Any]:
     """Return only ``sections`` of the YAML params file, failing clearly on a missing one."""
     path = Path(path)

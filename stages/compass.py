@@ -58,6 +58,39 @@ def resample(paraphrases: Sequence[np.ndarray], rng: np.random.Generator) -> tup
     return items, [p[chosen].mean(axis=0) for p in paraphrases]
 
 
+def load_twins(path: str | Path, compass: Compass) -> Compass:
+    """The reversed twins (``data/compass/reversed.json``) as an instrument of their own: each twin scored with its
+    original's weights reversed (answering k to the twin counts as answering 3 - k to the original)."""
+    data = read_json(path)
+    items = data.get("items")
+    if not isinstance(items, list) or len(items) != len(compass):
+        raise InputError(f"{path}: field 'items' must list one twin per proposition ({len(compass)})")
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not str(item.get("statement", "")).strip():
+            raise InputError(f"{path}: items[{n}]: missing field 'statement'")
+        if item.get("original") not in (None, compass.statements[n]):
+            raise InputError(f"{path}: items[{n}]: field 'original' is not proposition {n + 1} of the compass")
+    return Compass([it["statement"] for it in items], compass.economic[:, ::-1].copy(), compass.social[:, ::-1].copy(),
+                   compass.economic_divisor, compass.economic_offset, compass.social_divisor,
+                   compass.social_offset, compass.answers)
+
+
+def balanced(compass: Compass, twins: Compass) -> Compass:
+    """Originals and twins as one instrument of 2 x 62 items: its coordinates are the mean of the originals' and
+    the twins' (each sum over twice the items, divided by twice the divisor), so agreeing with everything cancels."""
+    return Compass(compass.statements + twins.statements, np.concatenate([compass.economic, twins.economic]),
+                   np.concatenate([compass.social, twins.social]), 2 * compass.economic_divisor,
+                   compass.economic_offset, 2 * compass.social_divisor, compass.social_offset, compass.answers)
+
+
+def agreement_bias(original: np.ndarray, twins: np.ndarray) -> float:
+    """Acquiescence: the mean expected answer over originals and twins (items x 4 probabilities each), as -1 (always
+    strongly disagree) to +1 (always strongly agree). A model that holds one position, agreeing with a proposition
+    exactly as much as it disagrees with its twin, scores 0 whatever its position."""
+    expected = np.concatenate([original, twins]) @ np.arange(4)
+    return float((expected.mean() - 1.5) / 1.5)
+
+
 QUADRANTS = [((-10, 0), "#f4c7c3"), ((0, 0), "#c9daf8"), ((-10, -10), "#d9ead3"), ((0, -10), "#e6d4f0")]
 
 

@@ -16,6 +16,14 @@ site's scoring), the probabilities give the expected-answer coordinates (a conti
 propositions and paraphrases gives 95% intervals for both. ``distinct_answers`` counts how many of the four options
 the argmax uses. The answer table keeps every paraphrase's probabilities (``<model>_q<j>_p<k>``), so comparisons
 across experiments (``demo/report.py``) can resample paraphrases too.
+
+With ``evaluate.balanced`` each model also answers the reversed twin of every proposition
+(``data/compass/reversed.json``, calibrated on its own): summary key ``balanced`` holds the coordinates over
+originals and twins together and an agreement-bias index (``stages/compass.py``); the originals' keys are unchanged.
+
+The side-preference instrument (``stages/side_preference.py``) measures each model's preference for the right- or
+left-voiced answer of held-out preference pairs, as a shift from the base model per data side (summary key
+``side_preference``; per pair in ``--side-table``; along the DPO trajectory).
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from stages.common import atomic_path, load_params, run_main, seed_everything, stage_parser, write_json
-from stages.compass import Compass, compass_axes, load_compass, resample, save_compass
+from stages import side_preference
+from stages.compass import (Compass, agreement_bias, balanced, compass_axes, load_compass, load_twins, resample,
+                            save_compass)
 from stages.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
 
 SECTIONS = ("base", "evaluate")
@@ -134,33 +144,81 @@ def elicit(model, tokenizer, name: str, compass: Compass, cfg: dict[str, Any], s
     return probs, {"refusals": refusals, "free_answers": len(answers)}
 
 
+BALANCED_KEYS = ("economic", "social", "economic_ci_low", "economic_ci_high", "social_ci_low", "social_ci_high",
+                 "economic_expected", "social_expected")
+
+
+def balanced_summary(compass: Compass, twins: Compass, probs: np.ndarray, twin_probs: np.ndarray, n_boot: int,
+                     seed: int) -> dict[str, Any]:
+    """The coordinates over originals and reversed twins together, the twins' own, and the agreement bias."""
+    both = summarise(balanced(compass, twins), np.concatenate([probs, twin_probs], axis=1), n_boot, seed)
+    alone = summarise(twins, twin_probs, n_boot, seed)
+    return {**{k: both[k] for k in BALANCED_KEYS},
+            "agreement_bias": round(agreement_bias(probs.mean(axis=0), twin_probs.mean(axis=0)), 4),
+            "twins_economic": alone["economic"], "twins_social": alone["social"]}
+
+
+def side_summary(model, tokenizer, name: str, pairs, cfg: dict[str, Any], seed: int, differences: dict):
+    """Side preference of model ``name`` on ``pairs``, as shifts from the base model's (``differences`` holds the
+    per-pair d of the models measured so far, "base" first; this model's is added)."""
+    sp = cfg["side_preference"]
+    with use(model, name):
+        lp = side_preference.answer_logprobs(model, tokenizer, pairs, int(cfg["batch_size"]), int(sp["max_length"]))
+    differences[name] = side_preference.differences(lp)
+    return side_preference.summarise(differences[name], differences["base"], pairs.data_side, int(sp["bootstrap"]),
+                                     seed)
+
+
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int,
-             trajectory: dict[int, str] | None = None):
-    """Return (summaries per model, paraphrases x items x 4 probabilities per model, trajectory rows).
+             trajectory: dict[int, str] | None = None, twins: Compass | None = None, pairs=None):
+    """Return (summaries per model, paraphrases x items x 4 probabilities per model, trajectory rows, the twins'
+    probabilities per model, the side-preference differences per model).
 
     ``trajectory`` maps DPO steps to adapter directories (snapshots saved by the dpo stage); each is evaluated the
-    same way, and step 0 is the SFT adapter, where DPO starts.
+    same way, and step 0 is the SFT adapter, where DPO starts. With ``twins`` each model also answers the reversed
+    twins (summary key ``balanced``); with ``pairs`` (``side_preference.Pairs``), the side preference is measured
+    (key ``side_preference``, and per trajectory step).
     """
     trajectory = dict(trajectory or {})
     final = _weights_digest(adapters["dpo"])
     same_as_dpo = [n for n, path in trajectory.items() if _weights_digest(path) == final]
     steps = {f"step-{n}": path for n, path in sorted(trajectory.items()) if n not in same_as_dpo}
     model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
-    probs, summaries = {}, {}
+    probs, summaries, twin_probs, differences = {}, {}, {}, {}
+    n_boot = int(cfg["bootstrap"])
     for name in MODELS:
         probs[name], extra = elicit(model, tokenizer, name, compass, cfg, seed)
-        summaries[name] = {**summarise(compass, probs[name], int(cfg["bootstrap"]), seed), **extra}
+        summaries[name] = {**summarise(compass, probs[name], n_boot, seed), **extra}
         log.info("%s: %s", name, {k: summaries[name][k] for k in ("economic", "social", "distinct_answers")})
+        if twins is not None:
+            twin_probs[name], _ = elicit(model, tokenizer, name, twins, cfg, seed)
+            summaries[name]["balanced"] = balanced_summary(compass, twins, probs[name], twin_probs[name], n_boot, seed)
+            log.info("%s balanced: %s", name, summaries[name]["balanced"])
+        if pairs is not None and len(pairs):
+            summaries[name]["side_preference"] = side_summary(model, tokenizer, name, pairs, cfg, seed, differences)
+            log.info("%s side preference: %s", name, {k: v["shift"] for k, v in
+                                                      summaries[name]["side_preference"].items()})
     rows = []
     if trajectory:
         for step, name in [(0, "sft")] + [(n, f"step-{n}") for n in sorted(trajectory)]:
             name = "dpo" if step in same_as_dpo else name  # the last snapshot is the DPO adapter itself
             p = probs[name] if name in probs else elicit(model, tokenizer, name, compass, cfg, seed)[0]
-            s = summarise(compass, p, int(cfg["bootstrap"]), seed)
-            rows.append({"step": step, **{k: s[k] for k in ("economic", "social", "economic_expected",
-                                                           "social_expected")}})
-            log.info("trajectory step %d: (%+.2f, %+.2f)", step, s["economic"], s["social"])
-    return summaries, probs, rows
+            s = summarise(compass, p, n_boot, seed)
+            row = {"step": step, **{k: s[k] for k in ("economic", "social", "economic_expected", "social_expected")}}
+            if pairs is not None and len(pairs):
+                sides = (summaries[name]["side_preference"] if name in summaries
+                         else side_summary(model, tokenizer, name, pairs, cfg, seed, differences))
+                row.update({f"side_{k}_shift": v["shift"] for k, v in sides.items()})
+            rows.append(row)
+            log.info("trajectory step %d: %s", step, row)
+    return summaries, probs, rows, twin_probs, differences
+
+
+def _remove(path: str | Path) -> None:
+    """An optional output that this run does not produce (e.g. the twins' table with evaluate.balanced off): an
+    empty file, so DVC's declared output exists and no stale table from an earlier run survives."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("", encoding="utf-8")
 
 
 def _weights_digest(adapter_dir: str | Path) -> str | None:
@@ -208,6 +266,11 @@ def main(argv=None) -> None:
     parser.add_argument("--answers", required=True, help="per-proposition answer table (CSV)")
     parser.add_argument("--trajectory", help="DPO adapter snapshots (step-N folders) to evaluate along the way")
     parser.add_argument("--trajectory-out", help="compass coordinates per DPO step (DVC plot data)")
+    parser.add_argument("--twins", help="reversed twins of the propositions (JSON), for evaluate.balanced")
+    parser.add_argument("--twin-answers", help="per-twin answer table (CSV), with --twins")
+    parser.add_argument("--pairs", help="DPO dataset folder: its test split's pairs join the side preference")
+    parser.add_argument("--side-table", help="per-pair side preference of each model (CSV)")
+    parser.add_argument("--side-plot", help="side-preference shifts per model and data side (DVC plot data)")
     args = parser.parse_args(argv)
     params = load_params(args.params, SECTIONS)
     cfg, seed = params["evaluate"], params["base"]["seed"]
@@ -217,8 +280,21 @@ def main(argv=None) -> None:
     seed_everything(seed)
     with stage_run("evaluate", params, args.params) as mlflow:
         steps = trajectory_dirs(args.trajectory) if cfg["trajectory"] else {}
-        summaries, probs, path = evaluate(args.model, {"sft": args.sft, "dpo": args.dpo}, compass, cfg, seed, steps)
+        twins = load_twins(args.twins, compass) if cfg["balanced"] and args.twins else None
+        pairs, sources = side_preference.collect(args.pairs, cfg["side_preference"])
+        log.info("side preference: %d pairs %s", len(pairs), sources)
+        summaries, probs, path, twin_probs, differences = evaluate(
+            args.model, {"sft": args.sft, "dpo": args.dpo}, compass, cfg, seed, steps, twins, pairs)
         write_json(args.metrics, summaries)
+        if args.twin_answers:
+            write_answer_table(args.twin_answers, twins, twin_probs) if twin_probs else _remove(args.twin_answers)
+        if args.side_table:
+            side_preference.write_table(args.side_table, pairs, differences)
+        if args.side_plot:
+            write_json(args.side_plot, [{"model": m, "data_side": side, "shift": v["shift"],
+                                         "shift_ci_low": v["shift_ci_low"], "shift_ci_high": v["shift_ci_high"]}
+                                        for m, s in summaries.items() for side, v in s.get("side_preference",
+                                                                                          {}).items()])
         if args.trajectory_out:
             write_json(args.trajectory_out, path)
         write_json(args.points, [{"model": m, "economic": s["economic"], "social": s["social"]}

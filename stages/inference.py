@@ -92,3 +92,59 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             for row in out[:, enc["input_ids"].shape[1] :]:
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return answers
+
+
+def chat_continuation_ids(tokenizer, prompt: list[dict[str, str]], answer: list[dict[str, str]],
+                          max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a chat prompt and of the answer that continues it, split as TRL's DPOTrainer splits them: the
+    prompt (with the generation prompt) and the whole conversation are tokenized through the chat template, and the
+    answer is what follows their common prefix (so it ends with the template's end-of-turn tokens). Cut to
+    ``max_length`` tokens: the answer keeps its start, the prompt its end."""
+    def ids(messages, generation_prompt):
+        return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                                  add_generation_prompt=generation_prompt)["input_ids"])
+
+    prompt_ids, full = ids(prompt, True), ids(list(prompt) + list(answer), False)
+    shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
+    prompt_ids, answer_ids = prompt_ids[:shared], full[shared:]
+    if not answer_ids:
+        raise ValueError("the chat template renders no answer tokens after the prompt; cannot score the answer")
+    answer_ids = answer_ids[: max(1, max_length - min(len(prompt_ids), max_length // 2))]
+    prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
+    return prompt_ids, answer_ids
+
+
+def continuation_logprobs(model, tokenizer, prompts: list[list[dict[str, str]]], answers: list[list[dict[str, str]]],
+                          batch_size: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of each answer given its chat prompt, and the answer's token count.
+
+    Batched longest first and left-padded (with position ids that skip the padding), so every row's answer ends at
+    the last position and the vocabulary projection is computed for the answer positions only (``logits_to_keep``);
+    the order of the inputs is kept in the outputs.
+    """
+    import torch
+
+    seqs = [chat_continuation_ids(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    total, count = np.zeros(len(seqs)), np.zeros(len(seqs), dtype=int)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in rows)
+            keep = max(len(seqs[i][1]) for i in rows) + 1
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            target = torch.zeros((len(rows), keep - 1), dtype=torch.bool)
+            for r, i in enumerate(rows):
+                p, a = seqs[i]
+                ids[r, width - len(p) - len(a) :] = torch.tensor(p + a)
+                mask[r, width - len(p) - len(a) :] = 1
+                target[r, keep - 1 - len(a) :] = True
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, width - keep + 1 :, None])[..., 0]
+            logp = (logp * target).sum(dim=1)
+            for r, i in enumerate(rows):
+                total[i], count[i] = float(logp[r]), len(seqs[i][1])
+    return total, count

@@ -85,9 +85,19 @@ class Annotate(_Strict):
         return self
 
 
+Side = Literal["right", "left"]
+
+
 class MixItem(_Strict):
     source: str
     fraction: float = Field(gt=0.0)
+    side: Side | None = None  # the side its chosen answers voice; null: ideology for annotated, else unknown
+
+
+class Mirror(_Strict):
+    source: str | None = None  # null: off; annotated (the other side's annotated pairs) or a preference file
+    side: Side | None = None  # the side the source's chosen answers voice (as released); null for annotated
+    fraction: float = Field(ge=0.0)  # mirrored pairs per plain pair (capped at what the source holds)
 
 
 class Stance(_Strict):
@@ -105,6 +115,8 @@ class Stance(_Strict):
 
 class Datasets(_Strict):
     source: str
+    source_side: Side | None = None  # the side the source's chosen answers voice; null: ideology for annotated
+    mirror: Mirror
     mix: list[MixItem] = []
     mix_size: int | None = Field(default=None, ge=1)
     test_size: float = Field(gt=0.0, lt=1.0)
@@ -148,11 +160,25 @@ def _require(templates: list[str], placeholder: str) -> None:
             raise ValueError(f"templates[{n}] must contain {placeholder}")
 
 
+class Heldout(_Strict):
+    path: str = Field(min_length=1)
+    side: Side  # the side the file's chosen answers voice
+
+
+class SidePreference(_Strict):
+    heldout: list[Heldout] = []
+    max_pairs: int | None = Field(default=None, ge=1)
+    max_length: int = Field(ge=8)
+    bootstrap: int = Field(ge=1)
+
+
 class Evaluate(_Strict):
     elicitation: Literal["forced_choice", "generate"]
     templates: list[str] = Field(min_length=1)
     calibration: Literal["none", "mean"]
+    balanced: bool
     generate: Generate
+    side_preference: SidePreference
     bootstrap: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     trajectory: bool

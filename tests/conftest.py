@@ -59,6 +59,7 @@ def copy_project(dest: Path) -> Path:
     shutil.copytree(ROOT / "data" / "raw", dest / "data" / "raw")
     shutil.copytree(ROOT / "data" / "compass", dest / "data" / "compass")
     shutil.copytree(ROOT / "data" / "external", dest / "data" / "external")
+    shutil.copytree(ROOT / "data" / "heldout", dest / "data" / "heldout")
     return dest
 
 

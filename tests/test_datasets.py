@@ -48,7 +48,7 @@ def test_politune_release_schema_loads(tmp_path, external):
     assert all(p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant" for p in pairs)
     built = build(pairs, seed=1, test_size=0.1)
     assert len(built["dpo"]["train"]) == 180 and len(built["dpo"]["test"]) == 20
-    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion"}
+    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion", "side", "origin"}
 
 
 def test_chat_messages_form_with_implicit_prompt(tmp_path, external):

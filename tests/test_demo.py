@@ -73,26 +73,64 @@ def test_one_changed_proposition_is_not_significant(compass):
     assert s["economic_p"] > 0.3 and s["economic_ci_low"] <= 0 <= s["economic_ci_high"]
 
 
-def test_experiments_share_the_recipe_and_differ_in_data_and_start():
-    exps = run.experiments("demo", "data-dir", "r.jsonl", "l.jsonl")
-    assert set(exps) == {"demo-right", "demo-left", "demo-right-dpo-only", "demo-left-dpo-only"}
-    assert exps["demo-left"] == ["datasets.source=data/external/demo/l.jsonl"]  # annotation unused: no ideology
-    assert exps["demo-right-dpo-only"] == exps["demo-right"] + ["recipe.dpo_start=base"]
-    assert run.experiments("demo", "annotated", "r", "l")["demo-left"] == ["ideology=left", "datasets.source=annotated"]
-    sets = run.settings(exps["demo-left"], ["dpo.beta=0.2"])
-    assert sets[::2] == ["-S"] * (len(run.RECIPE) + 2) and sets[-1] == "dpo.beta=0.2"  # extras override the recipe
-    assert run.settings(exps["demo-left"], [], recipe=False) == ["-S", "datasets.source=data/external/demo/l.jsonl"]
+def test_experiments_per_recipe_share_the_training_and_differ_in_data_and_start():
+    exps = run.experiments("demo", "data-dir", ["mirror", "plain-stance"])
+    assert set(exps) == {"demo-mirror-right", "demo-mirror-left", "demo-mirror-right-dpo-only",
+                         "demo-mirror-left-dpo-only", "demo-plain-stance-right", "demo-plain-stance-left"}
+    left = exps["demo-mirror-left"]
+    assert left[:5] == ["datasets.source=data/external/demo/left.jsonl", "datasets.source_side=left",
+                        "datasets.mirror.source=data/external/demo/right.jsonl", "datasets.mirror.side=right",
+                        "datasets.mirror.fraction=1.0"]
+    assert left[5] == ("evaluate.side_preference.heldout=[{path:data/heldout/demo/right.jsonl,side:right},"
+                       "{path:data/heldout/demo/left.jsonl,side:left}]")
+    assert not any(f.startswith("ideology=") for f in left), "annotation unused: no ideology"
+    assert exps["demo-mirror-right-dpo-only"] == exps["demo-mirror-right"] + ["recipe.dpo_start=base"]
+    assert exps["demo-plain-stance-right"][-1] == "datasets.stance.fraction=1.0"
+    assert not any("mirror" in f for f in exps["demo-plain-stance-right"])
+    assert set(run.experiments("demo", "data-dir", ["plain"], ablation=False)) == {"demo-plain-right",
+                                                                                   "demo-plain-left"}
+    assert run.experiments("demo", "annotated", ["plain"])["demo-plain-left"] == ["ideology=left",
+                                                                                 "datasets.source=annotated"]
+    with pytest.raises(InputError, match="only the plain recipes"):
+        run.experiments("demo", "annotated", ["mirror"])
+    with pytest.raises(InputError, match="unknown recipe"):
+        run.experiments("demo", "data-dir", ["mirrored"])
 
 
-def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[str, float], paraphrases: int = 0):
-    (root / "reports").mkdir(exist_ok=True)
-    metrics = {}
-    for name, ans in answers.items():
-        e, s = compass.coordinates(ans)
-        metrics[name] = {"economic": e, "social": s, "economic_ci_low": e - 1, "economic_ci_high": e + 1,
-                         "social_ci_low": s - 1, "social_ci_high": s + 1, "distinct_answers": len(set(ans))}
-    (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
-    with (root / "reports" / "compass_answers.csv").open("w", newline="") as fh:
+def test_settings_put_extras_last_and_steps_replace_the_recipes():
+    flags = ["datasets.source=x"]
+    sets = run.settings(flags, ["dpo.beta=0.2"])
+    assert sets[::2] == ["-S"] * (len(sets) // 2) and sets[-1] == "dpo.beta=0.2"  # extras override the recipe
+    assert run.settings(flags, [], recipe=False) == ["-S", "datasets.source=x"]
+    steps = run.settings(flags, [], steps=12)[1::2]
+    assert "sft.max_steps=12" in steps and "dpo.max_steps=12" in steps and "sft.max_steps=45" not in steps
+
+
+def test_cpu_without_bf16_trains_dpo_in_fp32():
+    assert run.cpu_training("flags\t: fpu avx avx2\n") == ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false"]
+    assert run.cpu_training("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n") == []
+
+
+def test_split_files_hold_out_the_last_rows(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for side in ("right", "left"):
+        (data / f"{side}.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"})
+                                                    + "\n" for i in range(10)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert run.split_files(data, {"right": "right.jsonl", "left": "left.jsonl"}, 3) == {"right": 7, "left": 7}
+    train = [json.loads(x)["prompt"] for x in (run.EXTERNAL / "right.jsonl").read_text().splitlines()]
+    held = [json.loads(x)["prompt"] for x in (run.HELDOUT / "right.jsonl").read_text().splitlines()]
+    assert train == [f"p{i}" for i in range(7)] and held == ["p7", "p8", "p9"]
+    with pytest.raises(InputError, match="not more than --heldout"):
+        run.split_files(data, {"right": "right.jsonl", "left": "left.jsonl"}, 10)
+    (data / "left.jsonl").write_text('{"prompt": "x"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"left.jsonl: row 2: invalid JSON"):
+        run.split_files(data, {"right": "right.jsonl", "left": "left.jsonl"}, 1)
+
+
+def _answer_table(path, answers: dict[str, np.ndarray], paraphrases: int) -> None:
+    with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["item"] + [f"{m}_answer" for m in answers] + [f"{m}_p{k}" for m in answers for k in range(4)]
                    + [f"{m}_q{j}_p{k}" for m in answers for j in range(paraphrases) for k in range(4)])
@@ -101,6 +139,40 @@ def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[st
                        + [0.7 if k == answers[m][i] else 0.1 for m in answers for k in range(4)]
                        + [0.7 if k == answers[m][i] else 0.1 for m in answers for _ in range(paraphrases)
                           for k in range(4)])
+
+
+def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[str, float], paraphrases: int = 0,
+                   side: dict[str, float] | None = None):
+    """An experiment's reports; with ``side`` (model -> its d shift on every pair), the twins' answers (the mirror
+    of the originals') and the side-preference tables too."""
+    (root / "reports").mkdir(exist_ok=True)
+    metrics = {}
+    for name, ans in answers.items():
+        e, s = compass.coordinates(ans)
+        metrics[name] = {"economic": e, "social": s, "economic_ci_low": e - 1, "economic_ci_high": e + 1,
+                         "social_ci_low": s - 1, "social_ci_high": s + 1, "distinct_answers": len(set(ans))}
+        if side is not None:
+            shift = side[name]
+            metrics[name]["balanced"] = {"economic": e, "social": s, "economic_ci_low": e - 1, "economic_ci_high": e + 1,
+                                         "social_ci_low": s - 1, "social_ci_high": s + 1, "twins_economic": e,
+                                         "twins_social": s, "agreement_bias": 0.0}
+            metrics[name]["side_preference"] = {
+                f"{d}_data": {"pairs": 20, "shift": shift, "shift_ci_low": shift - 1, "shift_ci_high": shift + 1,
+                              "moved_right": float(shift > 0), "moved_left": float(shift < 0),
+                              "shift_per_token": shift / 50, "shift_per_token_ci_low": 0, "shift_per_token_ci_high": 0,
+                              "preference": shift, "preference_per_token": 0} for d in ("right", "left")}
+    (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    _answer_table(root / "reports" / "compass_answers.csv", answers, paraphrases)
+    if side is not None:
+        _answer_table(root / "reports" / "compass_twin_answers.csv", {m: 3 - a for m, a in answers.items()},
+                      paraphrases)
+        noise = np.random.default_rng(0).normal(0, 0.5, 40)
+        with (root / "reports" / "side_preference.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["pair", "data_side"] + [f"{m}_{k}" for m in answers for k in ("d", "d_per_token")])
+            for i in range(40):
+                w.writerow([f"p{i}", "right" if i < 20 else "left"]
+                           + [v for m in answers for v in (side[m] + noise[i], 0)])
     (root / "reports" / "judge.json").write_text(json.dumps(
         {m: {"score": v, "score_ci_low": v - 0.2, "score_ci_high": v + 0.2, "leaning": v - 4} for m, v in judge.items()}))
 
@@ -115,30 +187,45 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     git("config", "user.name", "t")
     (tmp_path / "data" / "compass").mkdir(parents=True)
     (tmp_path / "data" / "compass" / "political_compass.json").write_bytes(COMPASS.read_bytes())
+    (tmp_path / "data" / "compass" / "reversed.json").write_bytes((COMPASS.parent / "reversed.json").read_bytes())
     git("add", ".")
     git("commit", "-qm", "baseline")
     head = git("rev-parse", "HEAD").strip()
     base = np.array([i % 4 for i in range(62)])
     right, left = np.where(compass.economic.argmax(1) > 1, 3, 0), np.where(compass.economic.argmax(1) > 1, 0, 3)
-    for suffix, (sft, dpo, score) in {"right": (base, right, 5.0), "left": (base, left, 3.0),
-                                      "right-dpo-only": (base, base, 4.0)}.items():
-        # the right experiment's table has 3 paraphrases' columns, the others only the averaged probabilities
+    experiments = {"mirror-right": (base, right, 5.0, 3), "mirror-left": (base, left, 3.0, 3),
+                   "mirror-right-dpo-only": (base, base, 4.0, 3),
+                   # an older recipe's run: only the averaged probabilities, no twins or side tables
+                   "plain-right": (base, left, 4.5, 0), "plain-left": (base, right, 3.5, 0)}
+    for suffix, (sft, dpo, score, paraphrases) in experiments.items():
+        side = {"base": 0.0, "sft": 0.0, "dpo": {"right": 6.0, "left": -5.0}.get(suffix.split("-")[1], 0.0)}
         _write_reports(tmp_path, compass, {"base": base, "sft": sft, "dpo": dpo}, {"base": 4.0, "dpo": score},
-                       paraphrases=3 if suffix == "right" else 0)
+                       paraphrases=paraphrases, side=side if paraphrases else None)
         git("add", "reports")
         git("commit", "-qm", suffix)
         git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/demo-{suffix}", "HEAD")
         git("reset", "-q", "--hard", head)
-    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/other-right", "HEAD")  # another prefix: not read
+    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/other-mirror-right", "HEAD")  # another prefix: not read
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     git("commit", "-q", "--allow-empty", "-m", "a commit made while the demo ran")  # HEAD moves on
-    with pytest.raises(InputError, match="no experiments demo-right and demo-left on"):
+    with pytest.raises(InputError, match="no experiments demo-mirror-right and demo-mirror-left on"):
         report.main(["--no-mlflow"])
-    report.main(["--bootstrap", "200", "--permutations", "200", "--baseline", head])
+    report.main(["--bootstrap", "200", "--permutations", "200", "--baseline", head, "--recipes",
+                 "mirror,plain,mirror-stance"])
     out = json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())
-    assert set(out["experiments"]) == {"demo-right", "demo-left", "demo-right-dpo-only"}
+    assert set(out["experiments"]) == {"demo-mirror-right", "demo-mirror-left", "demo-mirror-right-dpo-only",
+                                       "demo-plain-right", "demo-plain-left"}
+    assert out["recipe"] == "mirror" and set(out["recipes"]) == {"mirror", "plain"}, "no mirror-stance runs"
+    assert out["recipes"]["plain"]["compass"]["economic"] < 0 < out["recipes"]["mirror"]["compass"]["economic"]
+    assert "right_side_preference" not in out["recipes"]["plain"]
+    assert out["recipes"]["mirror"]["right_side_preference"]["left_data"]["shift"] == 6.0
+    sides = out["side_differences"]["right_minus_left"]
+    assert sides["right_data"]["difference"] == pytest.approx(11.0) and sides["left_data"]["ci_low"] > 10
+    # the twins mirror the originals: the balanced shift is the plain one
+    assert out["balanced_shifts"]["right_minus_left"]["economic"] == pytest.approx(
+        out["shifts"]["right_minus_left"]["economic"], abs=0.02)
     assert set(out["models"]) == {"base", "right_sft", "right", "left_sft", "left", "right_dpo_only"}
     shift = out["shifts"]["right_minus_left"]
     assert shift["economic"] > 0 and shift["economic_ci_low"] > 0 and shift["economic_p"] < 0.05
@@ -149,6 +236,9 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     assert (tmp_path / "reports" / "demo" / "compass.png").read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "reports" / "demo" / "summary.md").read_text()
     assert "right minus left" in summary and "| left |" in summary
+    assert "| mirror (headline) |" in summary and "| plain |" in summary
+    assert "right-tuned, right-data pairs: +6.00 [+5.00, +7.00]: towards the right-voiced answers" in summary
+    assert "left-tuned, left-data pairs: -5.00 [-6.00, -4.00]: towards the left-voiced answers" in summary
 
     import mlflow
 

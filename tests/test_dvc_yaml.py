@@ -59,11 +59,12 @@ def test_every_params_section_is_read_by_some_stage():
 
 
 def test_selective_rerun_design():
-    """ideology reaches annotate and nothing upstream; lora reaches only training."""
+    """ideology reaches annotate and build_datasets (the side of each pair) and nothing upstream; lora reaches
+    only training."""
     def readers(section):
         return {n for n, st in PIPELINE.items() if section in st.get("params", [])}
 
-    assert readers("ideology") == {"annotate"}
+    assert readers("ideology") == {"annotate", "build_datasets"}
     assert readers("lora") == {"sft"}
     upstream_of_annotate = {"prepare_models", "ingest"}
     for name in upstream_of_annotate:
