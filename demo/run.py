@@ -190,7 +190,7 @@ def main(argv=None) -> None:
         copy = []
         if args.data != "annotated":
             split_files(Path(args.data), {"right": args.right_file, "left": args.left_file}, args.heldout)
-            copy = ["--copy-paths", f"{EXTERNAL},{HELDOUT}"]
+            copy = ["--copy-paths", str(EXTERNAL), "--copy-paths", str(HELDOUT)]
         try:
             for name, flags in exps.items():
                 sh(["dvc", "exp", "remove", name], check=False)  # rerunning the demo replaces its experiments
