@@ -36,9 +36,10 @@ test-fast: env
 bench: repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.run
 
-# Right vs left vs base, and DPO without SFT: four queued DVC experiments and reports/demo/ (about 71 min on 2 CPU cores).
-# DEMO_DATA=annotated trains on the project's own annotation instead of the PoliTune authors' samples;
-# DEMO_ARGS passes options to demo/run.py (e.g. --no-recipe, --set key=value).
+# Right vs left vs base on held-out pairs and the compass (docs/steering.md): queued DVC experiments, then
+# reports/demo/summary.md. The default (mirror recipe, 45 + 45 steps, with the DPO-only ablation) is 4 experiments;
+# DEMO_ARGS passes options to demo/run.py (e.g. --recipes mirror,plain --steps 30 --no-ablation --no-judge,
+# --no-recipe, --set key=value). DEMO_DATA=annotated trains on the project's own annotation (plain recipes only).
 DEMO_DATA ?= ../shared/reference/politune
 DEMO_ARGS ?=
 demo: env

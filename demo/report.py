@@ -287,12 +287,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {ci(r, 'economic')} | {ci(r, 'social')} | "
                      f"({r.get('economic_expected', 0):+.2f}, {r.get('social_expected', 0):+.2f}) | "
                      f"{r.get('distinct_answers', '')} |")
-    lines += ["", "| shift | economic [95% CI] (p) | social [95% CI] (p) | expected-answer economic (p) | "
-              "expected-answer social (p) | answers changed |", "|---|---|---|---|---|---|"]
-    for name, s in report["shifts"].items():
-        cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
-                 ("economic", "social", "economic_expected", "social_expected")]
-        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of 62 |")
+    def shift_table(title: str, shifts: dict[str, dict], items: int) -> list[str]:
+        rows = ["", f"| {title} | economic [95% CI] (p) | social [95% CI] (p) | expected-answer economic (p) | "
+                "expected-answer social (p) | answers changed |", "|---|---|---|---|---|---|"]
+        for name, s in shifts.items():
+            cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
+                     ("economic", "social", "economic_expected", "social_expected")]
+            rows.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of {items} |")
+        return rows
+
+    lines += shift_table("shift", report["shifts"], 62)
     if any("side_preference" in r for r in report["models"].values()):
         lines += ["", "Side preference on held-out pairs: the shift from base of log p(right-voiced answer) - "
                   "log p(left-voiced answer), mean over pairs [95% CI] (share of pairs moved right; per-token "
@@ -324,12 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {ci(b, 'economic')} | {ci(b, 'social')} | "
                              f"({b['twins_economic']:+.2f}, {b['twins_social']:+.2f}) | {b['agreement_bias']:+.3f} |")
     if report.get("balanced_shifts"):
-        lines += ["", "| balanced shift | economic [95% CI] (p) | social [95% CI] (p) | expected-answer economic (p) | "
-                  "expected-answer social (p) | answers changed |", "|---|---|---|---|---|---|"]
-        for name, s in report["balanced_shifts"].items():
-            cells = [f"{ci(s, axis)} (p={s[axis + '_p']:.3f})" if axis in s else "" for axis in
-                     ("economic", "social", "economic_expected", "social_expected")]
-            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + f" | {s['changed_answers']} of 124 |")
+        lines += shift_table("balanced shift", report["balanced_shifts"], 124)
     if report["judge"]:
         lines += ["", "| model | judge score, 1 (left) - 7 (right) [95% CI] | leaning (score - 4) |", "|---|---|---|"]
         for name, j in report["judge"].items():

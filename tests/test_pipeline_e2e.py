@@ -72,11 +72,19 @@ def test_repro_then_selective_reruns(repo):
     for model in ("base", "sft", "dpo"):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
         assert -10 <= metrics[model]["economic"] <= 10 and -10 <= metrics[model]["social"] <= 10
+        assert -1 <= metrics[model]["balanced"]["agreement_bias"] <= 1
+        side = metrics[model]["side_preference"]["right_data"]  # annotated pairs: the ideology's side only
+        assert side["pairs"] >= 1 and side["shift_ci_low"] <= side["shift"] <= side["shift_ci_high"]
+    assert metrics["base"]["side_preference"]["right_data"]["shift"] == 0
     assert (root / "reports" / "compass.png").stat().st_size > 10_000
+    assert len((root / "reports" / "compass_twin_answers.csv").read_text(encoding="utf-8").splitlines()) == 63
+    side_plot = json.loads((root / "reports" / "side_preference.json").read_text(encoding="utf-8"))
+    assert {(r["model"], r["data_side"]) for r in side_plot} == {(m, "right_data") for m in ("base", "sft", "dpo")}
     trajectory = json.loads((root / "reports" / "trajectory.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in trajectory] == [0, 1, 2]  # the SFT start, then every dpo.save_steps
     assert trajectory[0]["economic"] == metrics["sft"]["economic"]
     assert trajectory[-1]["economic"] == metrics["dpo"]["economic"], "the last snapshot is the DPO model"
+    assert trajectory[-1]["side_right_data_shift"] == metrics["dpo"]["side_preference"]["right_data"]["shift"]
     judged = json.loads((root / "reports" / "judge.json").read_text(encoding="utf-8"))
     for model in ("base", "sft", "dpo"):
         assert judged[model]["scored"] == 3 and 1 <= judged[model]["score"] <= 7, judged
