@@ -15,6 +15,12 @@ Step 2, generation. For each kept post the annotator writes, as JSON constrained
 outputs, an instruction the post could answer, a *chosen* answer in the ideology's voice and a *rejected* answer
 that argues the opposite. Outputs that fail validation are retried (sampled, seeded) up to ``max_retries`` times,
 then marked ``invalid`` and counted.
+
+With ``annotate.mirror`` the opposite viewpoint (``prompts.<ideology>.opposite``) is annotated too: posts not kept
+for the ideology whose score for the opposite reaches the threshold get triplets from the opposite's own prompts
+(the likelihood scores already cover every viewpoint; ``json`` scoring rates the posts a second time). Every kept
+row carries ``side``, the viewpoint its chosen answer voices; ``datasets.mirror.source: annotated`` turns the
+opposite's rows into mirror pairs (docs/steering.md).
 """
 
 from __future__ import annotations
@@ -152,12 +158,22 @@ def json_scores(table, backend, ideology: str, cfg: dict[str, Any], seed: int):
     return scores, reasons, retries, failed
 
 
+def select(table, column: str, cfg: dict[str, Any], eligible) -> np.ndarray:
+    """Rows whose ``column`` score reaches ``annotate.threshold`` (among ``eligible``), the ``max_kept`` best."""
+    keep = (table[column] >= cfg["threshold"]).to_numpy() & np.asarray(eligible, dtype=bool)
+    if cfg.get("max_kept"):
+        order = table[keep].sort_values([column, "id"], ascending=[False, True]).index[: cfg["max_kept"]]
+        keep = table.index.isin(order)
+    return keep
+
+
 def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
     """Return the annotated table (every post, with its status) and the report."""
     t0 = time.perf_counter()
     table = posts.copy()
     names = list(cfg["viewpoints"]) + ["none"]
     retries, score_invalid = 0, []
+    probs = None
     if cfg["score_method"] == "json":
         scores, reasons, retries, score_invalid = json_scores(table, backend, ideology, cfg, seed)
         table["score"] = scores
@@ -170,15 +186,25 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
         probs = viewpoint_probabilities(loglik, cfg["calibrate"])
         table["score"] = probs[:, names.index(ideology)].round(6)
         table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
-    keep = (table["score"] >= cfg["threshold"]).to_numpy()
-    if cfg.get("max_kept"):
-        order = table[keep].sort_values(["score", "id"], ascending=[False, True]).index[: cfg["max_kept"]]
-        keep = table.index.isin(order)
+    keep = select(table, "score", cfg, ~table.index.isin(score_invalid))
+    table["side"] = np.where(keep, ideology, None)
+    opposite = cfg["prompts"][ideology]["opposite"]
+    if cfg.get("mirror"):
+        if cfg["score_method"] == "json":
+            scores, _, more, invalid = json_scores(table, backend, opposite, cfg, seed)
+            table["score_opposite"] = scores
+            retries += more
+        else:
+            table["score_opposite"] = probs[:, names.index(opposite)].round(6)
+            invalid = []
+        other = select(table, "score_opposite", cfg, ~keep & ~table.index.isin(score_invalid + list(invalid)))
+        table.loc[other, "side"] = opposite
+        keep = keep | other
     table["status"] = np.where(keep, "pending", "dropped")
     table.loc[score_invalid, "status"] = "invalid"
     for name in TRIPLET_FIELDS:
         table[name] = None
-    chats = {i: build_chat(cfg, ideology, table.at[i, "text"]) for i in table.index[keep]}
+    chats = {i: build_chat(cfg, table.at[i, "side"], table.at[i, "text"]) for i in table.index[keep]}
     done, triplet_retries, failed = generate_validated(
         backend, chats, triplet_schema(cfg["max_answer_chars"]),
         lambda text: parse_triplet(text, cfg["max_answer_chars"]), cfg, seed)
@@ -187,18 +213,20 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
             table.at[i, name] = triplet[name]
         table.at[i, "status"] = "kept"
     table.loc[failed, "status"] = "invalid"
-    kept = table[table["status"] == "kept"]
+    kept = table[(table["status"] == "kept") & (table["side"] == ideology)]
     wall = time.perf_counter() - t0
     report = {
         "ideology": ideology,
         "score_method": cfg["score_method"],
         "posts_in": int(len(table)),
-        "kept": int(len(kept)),
+        "kept": int((table["status"] == "kept").sum()),
+        "kept_by_side": {side: int(((table["status"] == "kept") & (table["side"] == side)).sum())
+                         for side in dict.fromkeys([ideology, opposite] if cfg.get("mirror") else [ideology])},
         "dropped": int((table["status"] == "dropped").sum()),
         "invalid": int((table["status"] == "invalid").sum()),
         "invalid_scores": len(score_invalid),
         "retries": int(retries + triplet_retries),
-        "mean_score_kept": round(float(kept["score"].mean()), 4) if len(kept) else None,
+        "mean_score_kept": round(float(kept["score"].mean()), 4) if len(kept) else None,  # the ideology's rows
         "tokens_generated": int(backend.tokens_generated),
         "wall_seconds": round(wall, 2),
         "posts_per_second": round(len(table) / wall, 3),
@@ -221,7 +249,7 @@ def sample_markdown(table, n: int) -> str:
     kept = table[table["status"] == "kept"].head(n)
     lines = ["# Annotation sample", "", f"{len(kept)} of the kept triplets, in corpus order.", ""]
     for _, row in kept.iterrows():
-        lines += [f"## {row['id']} (score {row['score']:.3f})", "", f"> {row['text']}", "",
+        lines += [f"## {row['id']} ({row['side']}, score {row['score']:.3f})", "", f"> {row['text']}", "",
                   f"- **instruction**: {row['instruction']}", f"- **chosen**: {row['chosen']}",
                   f"- **rejected**: {row['rejected']}", ""]
     return "\n".join(lines)
@@ -249,7 +277,7 @@ def main(argv=None) -> None:
         backend = make_backend(cfg, args.model, base["seed"])
         table, report = annotate(posts, backend, ideology, cfg, base["seed"])
         report["backend"] = cfg["backend"]
-        if report["kept"] == 0:
+        if report["kept_by_side"][ideology] == 0:
             scores = table["score"]
             raise InputError(
                 f"{args.posts}: annotation kept no post for ideology {ideology!r} (scores {scores.min():.3f} to "

@@ -64,13 +64,18 @@ def normalise(rows: list[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
     return out
 
 
-def load_source(source: str, annotated: str | Path, external: str | Path) -> list[dict[str, Any]]:
-    """Return normalised pairs from ``annotated``, a file or directory under ``external``, or a hub id."""
+def load_source(source: str, annotated: str | Path, external: str | Path,
+                side: str | None = None) -> list[dict[str, Any]]:
+    """Return normalised pairs from ``annotated`` (its rows whose chosen answer voices ``side``, when the table
+    marks sides), a file or directory under ``external``, or a hub id."""
     import pandas as pd
 
     if source == "annotated":
         table = pd.read_parquet(annotated)
-        kept = table[table["status"] == "kept"].sort_values("id")
+        kept = table[table["status"] == "kept"]
+        if side is not None and "side" in kept:
+            kept = kept[kept["side"] == side]
+        kept = kept.sort_values("id")
         return normalise([{"id": r.id, "prompt": r.instruction, "chosen": r.chosen, "rejected": r.rejected}
                           for r in kept.itertuples()], str(annotated))
     path = Path(source)
@@ -161,19 +166,19 @@ def mirror_pairs(cfg: dict[str, Any], ideology: str, n_plain: int, seed: int, an
     m = cfg.get("mirror") or {}
     if not m.get("source") or float(m.get("fraction", 1.0)) == 0:
         return [], None
-    if m["source"] == cfg["source"]:
+    if m["source"] == cfg["source"] and m["source"] != "annotated":
         raise ParamsError(f"datasets.mirror.source: {m['source']!r} is the plain source itself; name the other "
                           "side's data")
-    if m["source"] == "annotated":
-        raise ParamsError("datasets.mirror.source: 'annotated' holds only the ideology's own pairs; mirror pairs "
-                          "need the other side's data: name a preference file under data/external")
-    side = m.get("side")
+    side = m.get("side") or (OPPOSITE.get(ideology) if m["source"] == "annotated" else None)
     if side is None:
         raise ParamsError("datasets.mirror.side: say which side the mirror source's chosen answers voice")
     if side == ideology and cfg.get("source_side") in (None, ideology):
         raise ParamsError(f"datasets.mirror.side: {side!r} is the ideology's own side; mirror pairs come from the "
                           "other side's data")
-    rows = load_source(m["source"], annotated, external)
+    rows = load_source(m["source"], annotated, external, side)
+    if m["source"] == "annotated" and not rows:
+        raise ParamsError(f"datasets.mirror.source: the annotation has no {side!r} pairs; set annotate.mirror: true "
+                          "(annotate the opposite viewpoint too) or name a preference file under data/external")
     count = min(len(rows), round(float(m["fraction"]) * n_plain))
     picked = sorted(random.Random(seed).sample(range(len(rows)), count))
     return mirrored(with_side([rows[i] for i in picked], side)), count
@@ -183,16 +188,17 @@ def collect(cfg: dict[str, Any], seed: int, annotated, external,
             ideology: str = "right") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     mix = cfg.get("mix") or []
     if not mix:
-        pairs = with_side(load_source(cfg["source"], annotated, external),
-                          source_side(cfg["source"], cfg.get("source_side"), ideology))
+        side = source_side(cfg["source"], cfg.get("source_side"), ideology)
+        pairs = with_side(load_source(cfg["source"], annotated, external, side), side)
         drawn = {cfg["source"]: len(pairs)}
     else:
-        sources = [load_source(m["source"], annotated, external) for m in mix]
+        sides = [source_side(m["source"], m.get("side"), ideology) for m in mix]
+        sources = [load_source(m["source"], annotated, external, side) for m, side in zip(mix, sides)]
         counts = mixture_counts([len(s) for s in sources], [float(m["fraction"]) for m in mix], cfg.get("mix_size"))
         rng = random.Random(seed)
         pairs, drawn = [], {}
-        for m, rows, count in zip(mix, sources, counts):
-            picked = with_side(rng.sample(rows, count), source_side(m["source"], m.get("side"), ideology))
+        for m, rows, count, side in zip(mix, sources, counts, sides):
+            picked = with_side(rng.sample(rows, count), side)
             pairs += [dict(r, id=f"{m['source']}:{r['id']}") for r in picked]
             drawn[m["source"]] = count
     extra, count = mirror_pairs(cfg, ideology, len(pairs), seed, annotated, external)

@@ -74,6 +74,7 @@ class Annotate(_Strict):
     max_retries: int = Field(ge=0)
     retry_temperature: float = Field(ge=0.0)
     sample_size: int = Field(ge=0)
+    mirror: bool = False  # also annotate the opposite viewpoint (for datasets.mirror.source: annotated)
 
     @model_validator(mode="after")
     def _prompts_per_viewpoint(self):
@@ -95,8 +96,8 @@ class MixItem(_Strict):
 
 
 class Mirror(_Strict):
-    source: str | None = None  # null: off; annotated (the other side's annotated pairs) or a preference file
-    side: Side | None = None  # the side the source's chosen answers voice (as released); null for annotated
+    source: str | None = None  # null: off; annotated (the opposite's annotated pairs) or a preference file
+    side: Side | None = None  # the side the source's chosen answers voice; null: the opposite for annotated
     fraction: float = Field(ge=0.0)  # mirrored pairs per plain pair (capped at what the source holds)
 
 

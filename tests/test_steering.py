@@ -135,9 +135,14 @@ def test_mirror_params_errors_name_the_key(external, tmp_path, mirror, side, mat
     source = {"right": right, "left": left}[mirror]
     with pytest.raises(ParamsError, match=match):
         collect(_cfg(right, None, source, side), 0, tmp_path / "x", ext, "right")
-    with pytest.raises(ParamsError, match="holds only the ideology's own pairs"):
-        collect(dict(_cfg(right, "right"), mirror={"source": "annotated", "side": None, "fraction": 1.0}),
-                0, tmp_path / "x", ext, "right")
+    import pandas as pd
+
+    table = pd.DataFrame({"id": ["a", "b"], "status": ["kept", "kept"], "side": ["right", "right"],
+                          "instruction": ["q1?", "q2?"], "chosen": ["c1", "c2"], "rejected": ["r1", "r2"]})
+    table.to_parquet(tmp_path / "annotated.parquet")
+    with pytest.raises(ParamsError, match="the annotation has no 'left' pairs; set annotate.mirror: true"):
+        collect(dict(PARAMS["datasets"], mirror={"source": "annotated", "side": None, "fraction": 1.0}),
+                0, tmp_path / "annotated.parquet", ext, "right")
 
 
 def test_params_schema_checks_the_new_keys():

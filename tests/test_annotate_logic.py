@@ -1,0 +1,131 @@
+"""The annotate stage's selection logic with a scripted backend: threshold, max_kept, retries, invalid accounting and
+the opposite viewpoint (annotate.mirror), at many values. The engines themselves are tested for real in
+test_backends.py and the e2e test; this backend only replays scripted scores and replies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.annotate import annotate
+from stages.backends import Backend
+from stages.build_datasets import build, collect
+from stages.common import read_yaml
+from tests.conftest import ROOT
+
+PARAMS = read_yaml(ROOT / "params.yaml")
+# P(right), P(left), P(none) per post: posts 0-3 right-leaning, 4-6 left-leaning, 7-8 off-topic.
+PROBS = np.array([[0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.45, 0.45, 0.1],
+                  [0.1, 0.8, 0.1], [0.2, 0.6, 0.2], [0.3, 0.35, 0.35],
+                  [0.05, 0.05, 0.9], [0.1, 0.1, 0.8]])
+
+
+class Scripted(Backend):
+    """Scores are PROBS (as log-likelihoods, uncalibrated); a reply is a valid triplet voicing the viewpoint named
+    in the chat's system prompt, except for the posts in ``bad`` (invalid ``bad[post]`` times, then valid)."""
+
+    def __init__(self, bad: dict[str, int] | None = None):
+        self.bad = dict(bad or {})
+        self.chats: list[list[dict[str, str]]] = []
+        self.tokens_generated = 0
+
+    def loglikelihoods(self, prefixes, texts, max_text_tokens):
+        assert len(prefixes) == 3
+        return np.log(PROBS[[int(t.split()[1]) for t in texts]])
+
+    def generate_json(self, chats, schema, max_tokens, temperature, seed):
+        out = []
+        for chat in chats:
+            self.chats.append(chat)
+            post = "p" + chat[1]["content"].split('"post ', 1)[1].split()[0]
+            side = "right" if "right-wing" in chat[0]["content"] else "left"
+            if self.bad.get(post, 0) > 0:
+                self.bad[post] -= 1
+                out.append('{"instruction": "too short"')
+                continue
+            out.append(json.dumps({"instruction": f"What about post {post}?", "chosen": f"The {side} view on {post}.",
+                                   "rejected": f"The other view on {post}."}))
+            self.tokens_generated += 10
+        return out
+
+
+def posts() -> pd.DataFrame:
+    return pd.DataFrame({"id": [f"p{i}" for i in range(len(PROBS))],
+                         "text": [f"post {i} text" for i in range(len(PROBS))]})
+
+
+def cfg(**changes):
+    return dict(PARAMS["annotate"], calibrate=False, **changes)
+
+
+@pytest.mark.parametrize("threshold, kept", [(0.0, 9), (0.3, 5), (0.45, 4), (0.5, 3), (0.7, 2), (0.95, 0)])
+def test_threshold_keeps_the_posts_at_or_above_it(threshold, kept):
+    table, report = annotate(posts(), Scripted(), "right", cfg(threshold=threshold), 0)
+    assert report["kept"] == kept == int((PROBS[:, 0] >= threshold).sum())
+    assert report["kept"] + report["dropped"] + report["invalid"] == report["posts_in"] == 9
+    assert list(table.loc[table.status == "kept", "id"]) == [f"p{i}" for i in np.flatnonzero(PROBS[:, 0] >= threshold)]
+
+
+@pytest.mark.parametrize("max_kept", [1, 2, 3, 5])
+def test_max_kept_keeps_the_best_scores(max_kept):
+    table, report = annotate(posts(), Scripted(), "left", cfg(threshold=0.1, max_kept=max_kept), 0)
+    best = [f"p{i}" for i in np.argsort(-PROBS[:, 1], kind="stable")[:max_kept]]
+    assert sorted(table.loc[table.status == "kept", "id"]) == sorted(best)
+    assert report["kept_by_side"] == {"left": max_kept}
+
+
+@pytest.mark.parametrize("max_retries, bad, invalid, retries", [
+    (2, {"p0": 1}, 0, 1),           # fixed on the first retry
+    (2, {"p0": 2, "p1": 1}, 0, 3),  # p0 on the second, p1 on the first
+    (1, {"p0": 2}, 1, 1),           # out of retries: invalid, counted
+    (0, {"p0": 1, "p1": 5}, 2, 0),  # no retries
+])
+def test_retries_and_invalid_accounting(max_retries, bad, invalid, retries):
+    table, report = annotate(posts(), Scripted(bad), "right", cfg(threshold=0.5, max_retries=max_retries), 0)
+    assert report["invalid"] == invalid and report["retries"] == retries
+    assert report["kept"] == 3 - invalid
+    assert report["kept"] + report["dropped"] + report["invalid"] == 9
+    assert table.loc[table.status == "invalid", "instruction"].isna().all()
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.45, 0.6])
+def test_mirror_annotates_the_opposite_with_its_own_prompts(threshold):
+    backend = Scripted()
+    table, report = annotate(posts(), backend, "right", cfg(threshold=threshold, mirror=True), 0)
+    right = PROBS[:, 0] >= threshold
+    left = (PROBS[:, 1] >= threshold) & ~right  # a post kept for the ideology is not annotated twice
+    assert report["kept_by_side"] == {"right": int(right.sum()), "left": int(left.sum())}
+    assert list(table.loc[table.side == "left", "id"]) == [f"p{i}" for i in np.flatnonzero(left)]
+    for _, row in table[table.status == "kept"].iterrows():
+        assert row["chosen"].startswith(f"The {row['side']} view")
+    viewpoints = PARAMS["annotate"]["viewpoints"]
+    systems = {c[0]["content"] for c in backend.chats}
+    assert any(viewpoints["left"] in s for s in systems) == bool(left.any())
+    assert report["mean_score_kept"] == round(float(PROBS[right, 0].mean()), 4) if right.any() else True
+
+
+def test_without_mirror_the_table_holds_the_ideology_only():
+    table, report = annotate(posts(), Scripted(), "right", cfg(threshold=0.3), 0)
+    assert set(table.loc[table.status == "kept", "side"]) == {"right"} and "score_opposite" not in table
+    assert report["kept_by_side"] == {"right": 5}
+
+
+def test_mirror_pairs_from_the_annotation(tmp_path):
+    table, _ = annotate(posts(), Scripted(), "right", cfg(threshold=0.3, mirror=True), 0)
+    table.to_parquet(tmp_path / "annotated.parquet", index=False)
+    datasets = dict(PARAMS["datasets"], mirror={"source": "annotated", "side": None, "fraction": 1.0})
+    pairs, drawn = collect(datasets, 0, tmp_path / "annotated.parquet", tmp_path, "right")
+    assert drawn == {"annotated": 5, "mirror:annotated": 2}
+    mirrored = [p for p in pairs if p["origin"] == "left"]
+    assert [p["id"] for p in mirrored] == ["p4", "p5"]
+    for p in pairs:  # every chosen answer voices the right, the left's own answers now rejected
+        assert p["side"] == "right"
+        voice = p["chosen"][0]["content"] if p["origin"] == "right" else p["rejected"][0]["content"]
+        assert voice.startswith(f"The {p['origin']} view")
+    plain, _ = collect(PARAMS["datasets"], 0, tmp_path / "annotated.parquet", tmp_path, "right")
+    assert [p["id"] for p in plain] == ["p0", "p1", "p2", "p3", "p6"], "plain pairs: the ideology's rows only"
+    test = build(pairs, 0, 0.3)["dpo"]["test"]
+    assert len(test) == 3 and set(test["side"]) == {"right"}
