@@ -32,7 +32,7 @@ def tiny_data(tmp_path):
              "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(12)]
     built = build(normalise(rows, "tiny"), seed=0, test_size=0.25)
     assert len(built["dpo"]["train"]) + len(built["dpo"]["test"]) == 12
-    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion"}
+    assert set(built["sft"]["train"].column_names) == {"id", "prompt", "completion", "side", "origin"}
     save(built["sft"], tmp_path / "sft")
     save(built["dpo"], tmp_path / "dpo")
     return tmp_path
