@@ -434,12 +434,15 @@ def main(argv=None) -> None:
     for recipe in recipes:
         prefix = f"{args.prefix}-{recipe}"
         revs = experiment_revs(prefix, baseline=baseline)
-        if "right" not in revs or "left" not in revs:
+        if "right" not in revs and "left" not in revs:
             if recipe == recipes[0]:
                 raise InputError(f"no experiments {prefix}-right and {prefix}-left on {baseline[:7]} "
                                  f"(found: {sorted(revs) or 'none'}); run `make demo` first")
             log.warning("recipe %s: no right and left experiments on %s, left out", recipe, baseline[:7])
             continue
+        if "right" not in revs or "left" not in revs:  # a partial run: each model against base, no right - left
+            log.warning("recipe %s: only the %s experiment on %s", recipe, "right" if "right" in revs else "left",
+                        baseline[:7])
         if compass is None:
             compass = load_compass(args.compass)
             twins = load_twins(args.twins, compass) if Path(args.twins).exists() else None

@@ -237,6 +237,11 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     summary = (tmp_path / "reports" / "demo" / "summary.md").read_text()
     assert "right minus left" in summary and "| left |" in summary
     assert "| mirror (headline) |" in summary and "| plain |" in summary
+    # a partial run (the left experiment missing): each model against base, and no right - left
+    git("update-ref", "-d", f"refs/exps/{head[:2]}/{head[2:]}/demo-plain-left")
+    report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain", "--no-mlflow"])
+    partial = json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())
+    assert "right_minus_base" in partial["shifts"] and "right_minus_left" not in partial["shifts"]
     assert "right-tuned, right-data pairs: +6.00 [+5.00, +7.00]: towards the right-voiced answers" in summary
     assert "left-tuned, left-data pairs: -5.00 [-6.00, -4.00]: towards the left-voiced answers" in summary
 
