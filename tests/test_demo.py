@@ -84,8 +84,11 @@ def test_experiments_per_recipe_share_the_training_and_differ_in_data_and_start(
     assert left[5] == ("evaluate.side_preference.heldout=[{path:data/heldout/demo/right.jsonl,side:right},"
                        "{path:data/heldout/demo/left.jsonl,side:left}]")
     assert not any(f.startswith("ideology=") for f in left), "annotation unused: no ideology"
+    assert set(run.UNUSED_ANNOTATION) <= set(left), "and a token annotation"
     assert exps["demo-mirror-right-dpo-only"] == exps["demo-mirror-right"] + ["recipe.dpo_start=base"]
     assert exps["demo-plain-stance-right"][-1] == "datasets.stance.fraction=1.0"
+    assert run.experiments("demo", "annotated", ["plain"])["demo-plain-right"] == ["ideology=right",
+                                                                                  "datasets.source=annotated"]
     assert not any("mirror" in f for f in exps["demo-plain-stance-right"])
     assert set(run.experiments("demo", "data-dir", ["plain"], ablation=False)) == {"demo-plain-right",
                                                                                    "demo-plain-left"}
