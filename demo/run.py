@@ -33,7 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stages.common import InputError, run_main
+from stages.common import InputError, cpu_bf16, run_main
 
 # The CPU training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
 # LoRA, the compass without the trajectory (faster).
@@ -49,19 +49,16 @@ RECIPES = ("mirror", "plain", "mirror-stance", "plain-stance")
 
 
 def cpu_training(cpuinfo: str | None = None) -> list[str]:
-    """Settings for this CPU: the bf16-autocast DPO default needs AVX512-BF16 or AMX; without them bf16 is emulated
-    and several times slower than fp32, and precomputing the reference costs a forward pass over the whole training
-    set, more than the demo's steps save. Returns the ``-S`` overrides (none on a CPU with bf16 support)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-        except OSError:
-            return []
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")),
-                     []))
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    """Settings for this CPU: the bf16 defaults (DPO autocast, the vLLM engines) need AVX512-BF16 or AMX; without
+    them bf16 is emulated and several times slower than fp32, and precomputing the DPO reference costs a forward pass
+    over the whole training set, more than the demo's steps save. Returns the ``-S`` overrides (none on a CPU with
+    bf16 support)."""
+    if cpu_bf16(cpuinfo):
         return []
-    return ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false"]
+    return ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false", "annotate.engine.dtype=float32",
+            "judge.serve.dtype=float32"]
+
+
 # With external preference data the annotation is not used, but build_datasets still depends on its output: a
 # token annotation (4 posts) keeps that stage cheap in every experiment (vLLM on a CPU without bf16 takes half an
 # hour for the whole sample corpus).

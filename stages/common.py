@@ -84,6 +84,18 @@ def run_main(fn, argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
 
 
+def cpu_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it, bf16 is emulated by torch and vLLM's
+    CPU backend, several times slower than fp32 (measured on an AVX2-only CPU: vLLM decode 2.7x, DPO more)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool(set(flags) & {"avx512_bf16", "amx_bf16"})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

@@ -11,7 +11,7 @@ import yaml
 
 from stages import judge as judge_stage
 from stages.serve import engine_args, free_port
-from tests.conftest import ROOT
+from tests.conftest import CPU_DTYPE, ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them and shrink the government."),
@@ -94,7 +94,7 @@ def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_stage_starts_and_stops_its_own_server(smollm2_dir):
-    cfg = dict(PARAMS["judge"], startup_timeout=300)
+    cfg = dict(PARAMS["judge"], startup_timeout=300, serve=dict(PARAMS["judge"]["serve"], dtype=CPU_DTYPE))
     cfg["endpoint"] = dict(cfg["endpoint"], base_url=None)
     with judge_stage.endpoint(cfg, smollm2_dir, seed=0) as (url, name):
         assert url.startswith("http://127.0.0.1:") and name == str(smollm2_dir)
