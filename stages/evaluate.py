@@ -214,7 +214,7 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[st
     return summaries, probs, rows, twin_probs, differences
 
 
-def _remove(path: str | Path) -> None:
+def _write_empty(path: str | Path) -> None:
     """An optional output that this run does not produce (e.g. the twins' table with evaluate.balanced off): an
     empty file, so DVC's declared output exists and no stale table from an earlier run survives."""
     with atomic_path(path) as tmp:
@@ -286,8 +286,10 @@ def main(argv=None) -> None:
         summaries, probs, path, twin_probs, differences = evaluate(
             args.model, {"sft": args.sft, "dpo": args.dpo}, compass, cfg, seed, steps, twins, pairs)
         write_json(args.metrics, summaries)
-        if args.twin_answers:
-            write_answer_table(args.twin_answers, twins, twin_probs) if twin_probs else _remove(args.twin_answers)
+        if args.twin_answers and twin_probs:
+            write_answer_table(args.twin_answers, twins, twin_probs)
+        elif args.twin_answers:
+            _write_empty(args.twin_answers)
         if args.side_table:
             side_preference.write_table(args.side_table, pairs, differences)
         if args.side_plot:
