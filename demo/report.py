@@ -402,18 +402,44 @@ def verdict(report: dict[str, Any]) -> str:
                        + (f"towards the {word}-voiced answers, the interval excludes 0" if excluded else
                           f"not shown to move towards the {word}-voiced answers (the interval does not exclude 0 "
                           "on that side)"))
-    shift = report["shifts"].get("right_minus_left")
-    if shift:
-        way = "the paper's direction (right of left)" if shift["economic_ci_low"] > 0 else (
-            "the wrong way, the interval excludes 0" if shift["economic_ci_high"] < 0 else
-            "the interval includes 0: the compass does not show the shift at this size")
-        out.append(f"- Political Compass, economic axis, right minus left: {shift['economic']:+.2f} "
+    for key, name in (("shifts", "Political Compass"), ("balanced_shifts", "Balanced compass (with the reversed "
+                                                                          "twins)")):
+        shift = report.get(key, {}).get("right_minus_left")
+        if not shift:
+            continue
+        if shift["economic_ci_low"] > 0:
+            way = "the paper's direction (right of left), the interval excludes 0"
+        elif shift["economic_ci_high"] < 0:
+            way = "the wrong way (the right-tuned model left of the left-tuned), the interval excludes 0"
+        else:
+            way = (f"the interval includes 0, the estimate {'the paper' if shift['economic'] > 0 else 'the wrong'}"
+                   f" way (permutation p={shift['economic_p']:.3f}): the compass does not show the side at this size")
+        out.append(f"- {name}, economic axis, right minus left: {shift['economic']:+.2f} "
                    f"[{shift['economic_ci_low']:+.2f}, {shift['economic_ci_high']:+.2f}]: {way}")
-    shift = report.get("balanced_shifts", {}).get("right_minus_left")
-    if shift:
-        out.append(f"- Balanced compass (with the reversed twins), economic, right minus left: "
-                   f"{shift['economic']:+.2f} [{shift['economic_ci_low']:+.2f}, {shift['economic_ci_high']:+.2f}]")
     return "\n".join(out) + "\n"
+
+
+SETTINGS = [("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
+            ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"), ("datasets", "source"),
+            ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "side_preference", "heldout"),
+            ("evaluate", "side_preference", "max_pairs")]
+
+
+def settings_markdown(rev: str, cwd: str | Path = ".") -> str:
+    """The training and evaluation settings of an experiment (its params.yaml), as a list."""
+    from stages.common import read_yaml_text
+
+    try:
+        params = read_yaml_text(read_at(rev, "params.yaml", cwd))
+    except InputError:
+        return "(the experiment commit has no params.yaml)\n"
+    lines = []
+    for path in SETTINGS:
+        value = params
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        lines.append(f"- `{'.'.join(path)}`: `{json.dumps(value)}`")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -459,10 +485,13 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo.json", report)
     plot(report, out / "compass.png", f"PoliTune demo ({headline}): base -> right / left (SFT -> DPO)")
+    shown = f"{args.prefix}-{headline}-right"
+    shown = shown if shown in revs_all else next(n for n in revs_all if n.startswith(f"{args.prefix}-{headline}-"))
     text = (f"# PoliTune demo: right vs left\n\nWritten by `demo/report.py` from the demo's DVC experiments "
             f"(recipe `{headline}`; baseline `{baseline[:7]}`).\n\n## Verdict\n\n{verdict(report)}\n"
             f"## Every recipe tried\n\n{recipes_markdown(report['recipes'], headline)}\n"
-            f"## Headline recipe ({headline})\n\n{markdown(report)}")
+            f"## Headline recipe ({headline})\n\n{markdown(report)}\n"
+            f"## Settings of `{shown}`\n\n{settings_markdown(revs_all[shown])}")
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     print(text)

@@ -192,6 +192,7 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     (tmp_path / "data" / "compass").mkdir(parents=True)
     (tmp_path / "data" / "compass" / "political_compass.json").write_bytes(COMPASS.read_bytes())
     (tmp_path / "data" / "compass" / "reversed.json").write_bytes((COMPASS.parent / "reversed.json").read_bytes())
+    (tmp_path / "params.yaml").write_bytes((ROOT / "params.yaml").read_bytes())
     git("add", ".")
     git("commit", "-qm", "baseline")
     head = git("rev-parse", "HEAD").strip()
@@ -241,6 +242,7 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     summary = (tmp_path / "reports" / "demo" / "summary.md").read_text()
     assert "right minus left" in summary and "| left |" in summary
     assert "| mirror (headline) |" in summary and "| plain |" in summary
+    assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": null" in summary
     # a partial run (the left experiment missing): each model against base, and no right - left
     git("update-ref", "-d", f"refs/exps/{head[:2]}/{head[2:]}/demo-plain-left")
     report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain", "--no-mlflow"])
