@@ -33,7 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stages.common import InputError, cpu_bf16, run_main
+from stages.common import InputError, run_main
 
 # The CPU training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
 # LoRA, the compass without the trajectory (faster).
@@ -44,19 +44,11 @@ TRAINING = [
     "dpo.save_steps=45",
     "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
     "evaluate.trajectory=false",
+    # Precomputing the frozen reference's log-probabilities costs a forward pass over the whole training set (400
+    # pairs), more than the demo's steps save.
+    "dpo.precompute_ref_log_probs=false",
 ]
 RECIPES = ("mirror", "plain", "mirror-stance", "plain-stance")
-
-
-def cpu_training(cpuinfo: str | None = None) -> list[str]:
-    """Settings for this CPU: the bf16 defaults (DPO autocast, the vLLM engines) need AVX512-BF16 or AMX; without
-    them bf16 is emulated and several times slower than fp32, and precomputing the DPO reference costs a forward pass
-    over the whole training set, more than the demo's steps save. Returns the ``-S`` overrides (none on a CPU with
-    bf16 support)."""
-    if cpu_bf16(cpuinfo):
-        return []
-    return ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false", "annotate.engine.dtype=float32",
-            "judge.serve.dtype=float32"]
 
 
 # With external preference data the annotation is not used, but build_datasets still depends on its output: a
@@ -140,7 +132,7 @@ def settings(flags: list[str], extra: list[str], recipe: bool = True, steps: int
     counts) with this CPU's settings, its own flags, extras."""
     training = []
     if recipe:
-        training = TRAINING + cpu_training()
+        training = TRAINING
         if steps:
             training = [kv for kv in training if not kv.startswith(("sft.max_steps=", "dpo.max_steps=",
                                                                    "dpo.save_steps="))]

@@ -41,10 +41,14 @@ class VLLMBackend(Backend):
     """The offline vLLM engine. Create it under ``if __name__ == "__main__":`` (vLLM spawns workers)."""
 
     def __init__(self, model: str, engine: dict[str, Any], seed: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("cpu_kvcache_space_gib", 2)))
+        from stages.serve import engine_options
+
+        env, kwargs = engine_options(engine)
+        for key, value in env.items():
+            os.environ.setdefault(key, value)
+        log.info("vLLM engine: dtype %s", kwargs.get("dtype"))
         from vllm import LLM
 
-        kwargs = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
         self.llm = LLM(model=model, seed=seed, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.tokens_generated = 0

@@ -96,6 +96,28 @@ def cpu_bf16(cpuinfo: str | None = None) -> bool:
     return bool(set(flags) & {"avx512_bf16", "amx_bf16"})
 
 
+def native_bf16() -> bool:
+    """Whether bf16 is computed natively here: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return bool(torch.cuda.is_bf16_supported())
+    except ImportError:  # pragma: no cover
+        pass
+    return cpu_bf16()
+
+
+def resolve_dtype(value: str) -> str:
+    """A vLLM engine's ``dtype`` param: ``auto`` is bfloat16 where it is native (``native_bf16``), else float32."""
+    return ("bfloat16" if native_bf16() else "float32") if value == "auto" else value
+
+
+def resolve_bf16(value: bool | str) -> bool:
+    """A TRL config's ``bf16`` param: ``auto`` is bf16 autocast where it is native (``native_bf16``)."""
+    return native_bf16() if value == "auto" else bool(value)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

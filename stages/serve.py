@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.common import EndpointError
+from stages.common import EndpointError, resolve_dtype
 
 log = logging.getLogger("politune.serve")
 
@@ -33,11 +33,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+KVCACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE when a params section does not set cpu_kvcache_space_gib
+
+
+def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """A params engine section (``annotate.engine``, ``judge.serve``) -> (environment, vLLM engine arguments).
+
+    The one mapping used by the offline engine and by ``vllm serve``: ``cpu_kvcache_space_gib`` becomes
+    ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``dtype: auto`` becomes bfloat16 where bf16 is native and float32
+    elsewhere (``stages.common.resolve_dtype``); every other key is passed to vLLM as it is.
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
+    options = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
+    if "dtype" in options:
+        options["dtype"] = resolve_dtype(options["dtype"])
+    return env, options
+
+
 def engine_args(engine: dict[str, Any]) -> list[str]:
     """``{max_model_len: 2048, enforce_eager: true}`` -> ``--max-model-len 2048 --enforce-eager``."""
     args: list[str] = []
-    for key, value in engine.items():
-        if key == "cpu_kvcache_space_gib" or value is None or value is False:
+    for key, value in engine_options(engine)[1].items():
+        if value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]
@@ -67,7 +84,7 @@ def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | 
     """Start a server on a free loopback port and wait until ``/health`` answers; return (base_url, process)."""
     port = free_port()
     log_path = Path(log_path)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.get("cpu_kvcache_space_gib", 1)))
+    env = dict(os.environ, **engine_options(engine)[0])
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(server_command(model, port, engine, seed), stdout=fh, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common import ParamsError, stage_parser, write_json
+from stages.common import ParamsError, resolve_bf16, stage_parser, write_json
 
 log = logging.getLogger("politune.training")
 CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1}
@@ -60,8 +60,12 @@ def strict_config(cls, section: str, values: dict[str, Any], defaults: dict[str,
     """Build ``cls`` (SFTConfig, DPOConfig, LoraConfig) from a params section; unknown keys fail at once.
 
     ``fixed`` keys belong to the pipeline (paths, seed) and may not appear in params; ``defaults`` may be overridden.
+    ``bf16: auto`` (the one value that is not the TRL field's own) is bf16 autocast where bf16 is native.
     """
     values = {**(defaults or {}), **(values or {})}
+    if values.get("bf16") == "auto":
+        values["bf16"] = resolve_bf16("auto")
+        log.info("%s.bf16: auto -> %s", section, values["bf16"])
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

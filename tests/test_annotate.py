@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from stages.annotate import annotate, parse_score, parse_triplet, triplet_schema, viewpoint_probabilities
-from tests.conftest import CPU_DTYPE, ROOT
+from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
@@ -57,7 +57,7 @@ def test_vllm_annotation_real_engine(smollm2_dir):
              INJECTION, "Back the police and protect the Second Amendment."]
     posts = pd.DataFrame({"id": [f"p{i}" for i in range(len(texts))], "text": texts,
                           "label": ["right", "right", "left", "left", "off", "off", None, "right"]})
-    backend = VLLMBackend(str(smollm2_dir), dict(cfg["engine"], dtype=CPU_DTYPE), seed=0)
+    backend = VLLMBackend(str(smollm2_dir), cfg["engine"], seed=0)
     table, report = annotate(posts, backend, "right", cfg, seed=0)
     assert report["posts_in"] == 8
     assert report["kept"] + report["dropped"] + report["invalid"] == report["posts_in"]

@@ -109,12 +109,6 @@ def test_settings_put_extras_last_and_steps_replace_the_recipes():
     assert "sft.max_steps=12" in steps and "dpo.max_steps=12" in steps and "sft.max_steps=45" not in steps
 
 
-def test_cpu_without_bf16_trains_dpo_in_fp32():
-    assert run.cpu_training("flags\t: fpu avx avx2\n") == ["dpo.bf16=false", "dpo.precompute_ref_log_probs=false",
-                                                          "annotate.engine.dtype=float32", "judge.serve.dtype=float32"]
-    assert run.cpu_training("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n") == []
-
-
 def test_split_files_hold_out_the_last_rows(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from stages import judge as judge_stage
-from stages.serve import engine_args, free_port
-from tests.conftest import CPU_DTYPE, ROOT
+from stages.serve import engine_args, engine_options, free_port
+from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them and shrink the government."),
@@ -23,6 +23,28 @@ def test_engine_args_become_server_flags():
     assert engine_args({"max_model_len": 2048, "enforce_eager": True, "trust_remote_code": False,
                         "cpu_kvcache_space_gib": 1, "quantization": None, "tensor_parallel_size": 4}) == [
         "--max-model-len", "2048", "--enforce-eager", "--tensor-parallel-size", "4"]
+
+
+def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
+    from stages import common
+
+    engine = {"dtype": "auto", "max_model_len": 2048, "cpu_kvcache_space_gib": 3}
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(common, "native_bf16", lambda native=native: native)
+        env, options = engine_options(engine)
+        assert env == {"VLLM_CPU_KVCACHE_SPACE": "3"} and options == {"dtype": dtype, "max_model_len": 2048}
+        assert engine_args(engine) == ["--dtype", dtype, "--max-model-len", "2048"]
+    assert engine_options({"dtype": "float16"}) == ({"VLLM_CPU_KVCACHE_SPACE": "1"}, {"dtype": "float16"})
+    assert common.resolve_bf16(True) is True and common.resolve_bf16(False) is False
+    monkeypatch.setattr(common, "native_bf16", lambda: False)
+    assert common.resolve_bf16("auto") is False
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    from stages.common import cpu_bf16
+
+    assert not cpu_bf16("flags\t: fpu avx avx2\n")
+    assert cpu_bf16("flags\t: fpu avx2 avx512f avx512_bf16\n") and cpu_bf16("flags\t: fpu amx_bf16 amx_tile\n")
 
 
 def test_summary_hand_computed():
@@ -94,7 +116,7 @@ def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_stage_starts_and_stops_its_own_server(smollm2_dir):
-    cfg = dict(PARAMS["judge"], startup_timeout=300, serve=dict(PARAMS["judge"]["serve"], dtype=CPU_DTYPE))
+    cfg = dict(PARAMS["judge"], startup_timeout=300)
     cfg["endpoint"] = dict(cfg["endpoint"], base_url=None)
     with judge_stage.endpoint(cfg, smollm2_dir, seed=0) as (url, name):
         assert url.startswith("http://127.0.0.1:") and name == str(smollm2_dir)

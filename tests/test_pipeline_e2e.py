@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ROOT, copy_project, for_this_cpu
+from tests.conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow
 STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge"}
@@ -26,7 +26,6 @@ def ran(output):
 
 
 def tiny_params(params, model_dir):
-    params = for_this_cpu(params)
     params["models"] = {"annotator": str(model_dir), "target": str(model_dir)}
     params["annotate"].update(max_posts=16, threshold=0.2, max_new_tokens=160, max_retries=1, sample_size=3)
     params["datasets"].update(min_pairs=4, test_size=0.25)
