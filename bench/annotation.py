@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from stages.annotate import build_chat, triplet_schema
+from politune.annotate import build_chat, triplet_schema
 
 
 def measure(backend, texts, cfg, max_tokens, score=True):
@@ -54,7 +54,7 @@ def main() -> None:
     posts = pd.read_parquet(args.posts)["text"].tolist()
     texts_for = lambda n: (posts * (n // len(posts) + 1))[:n]  # noqa: E731
     results = {}
-    from stages.backends import TransformersBackend, VLLMBackend
+    from politune.backends import TransformersBackend, VLLMBackend
 
     for name in args.backends:
         if name == "vllm":

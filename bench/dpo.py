@@ -41,8 +41,8 @@ def run_one(name: str, args) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from stages.common import seed_everything
-    from stages.training import load_splits, load_target
+    from politune.common import seed_everything
+    from politune.training import load_splits, load_target
 
     class Clock(TrainerCallback):
         def __init__(self):

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import read_json, write_json
+from politune.common import read_json, write_json
 
 
 def run(cmd: list[str], **kw) -> str:
@@ -71,7 +71,7 @@ def stage_seconds(stages: list[str]) -> dict[str, float]:
     """The stages' own run times from their MLflow runs (the latest finished run of each)."""
     import mlflow
 
-    from stages.tracking import EXPERIMENT, tracking_uri
+    from politune.tracking import EXPERIMENT, tracking_uri
 
     client = mlflow.tracking.MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(EXPERIMENT)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import InputError, atomic_path, run_main, write_json
-from stages.compass import Compass, balanced, compass_axes, load_compass, load_twins, resample, save_compass
+from politune.common import InputError, atomic_path, run_main, write_json
+from politune.compass import Compass, balanced, compass_axes, load_compass, load_twins, resample, save_compass
 
 log = logging.getLogger("politune.demo")
 
@@ -102,7 +102,7 @@ def _judge(rev: str, cwd: str | Path) -> dict[str, Any]:
         base = read_at(f"{rev}^", "dvc.lock", cwd)
     except InputError:
         lock = base = ""
-    from stages.common import read_yaml_text
+    from politune.common import read_yaml_text
 
     if lock and base and (read_yaml_text(lock).get("stages", {}).get("judge")
                           == read_yaml_text(base).get("stages", {}).get("judge")):
@@ -340,7 +340,7 @@ def markdown(report: dict[str, Any]) -> str:
 def log_to_mlflow(report: dict[str, Any], out: Path, tags: dict[str, str]) -> None:
     import mlflow
 
-    from stages.tracking import EXPERIMENT, log_metrics, tracking_uri
+    from politune.tracking import EXPERIMENT, log_metrics, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(EXPERIMENT)
@@ -427,7 +427,7 @@ SETTINGS = [("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps")
 
 def settings_markdown(rev: str, cwd: str | Path = ".") -> str:
     """The training and evaluation settings of an experiment (its params.yaml), as a list."""
-    from stages.common import read_yaml_text
+    from politune.common import read_yaml_text
 
     try:
         params = read_yaml_text(read_at(rev, "params.yaml", cwd))

@@ -33,7 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stages.common import InputError, run_main
+from politune.common import InputError, run_main
 
 # The CPU training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
 # LoRA, the compass without the trajectory (faster).

@@ -1,1 +1,1 @@
-"""politune: the PoliTune method as a DVC pipeline. One module per stage."""
+"""DVC entry points, one per stage of dvc.yaml: each parses its paths and params, then calls ``politune``."""

@@ -1,60 +1,15 @@
-"""Stage ``sft``: supervised fine-tuning of a LoRA adapter on the target model with TRL's ``SFTTrainer``.
+"""DVC entry point of stage ``sft``: its paths from ``dvc.yaml``, its params sections, then ``politune.sft.run``."""
 
-The ``sft`` params section is parsed strictly into ``trl.SFTConfig`` and ``lora`` into ``peft.LoraConfig``. The
-adapter (not the merged model) is saved to ``--out``.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import logging
-import shutil
-
-from stages.common import atomic_path, load_params, run_main, seed_everything
-from stages.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
-                             is_main_process, prepare_checkpoints, strict_config, training_parser,
-                             write_training_reports)
+from politune import sft
+from politune.common import run_main, stage_main
+from politune.training import training_parser
 
 SECTIONS = ("base", "launch", "lora", "sft")
-log = logging.getLogger("politune.sft")
-
-
-def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    seed = params["base"]["seed"]
-    lora = strict_config(LoraConfig, "lora", params["lora"])
-    config = strict_config(SFTConfig, "sft", params["sft"], defaults=CHECKPOINT_DEFAULTS,
-                           output_dir=str(work_dir), seed=seed)
-    seed_everything(seed)
-    model, tokenizer = load_target(model_dir)
-    splits = load_splits(data_dir)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=splits["train"],
-                         eval_dataset=splits.get("test"), processing_class=tokenizer, peft_config=lora)
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    eval_metrics = trainer.evaluate() if "test" in splits else {}
-    if not trainer.is_world_process_zero():
-        return trainer, {}
-    with atomic_path(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
-    return trainer, {"eval_loss": round(eval_metrics["eval_loss"], 6)} if eval_metrics else {}
 
 
 def main(argv=None) -> None:
-    args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
-    params = load_params(args.params, SECTIONS)
-    from stages.tracking import stage_run
-
-    resume = prepare_checkpoints(args.checkpoints, fingerprint(params, args.model, args.data))
-    main_process = is_main_process()
-    with stage_run("sft", params, args.params) if main_process else contextlib.nullcontext() as mlflow:
-        trainer, extra = train(args.model, args.data, args.out, params, args.checkpoints, resume)
-        if main_process:  # under `accelerate launch`, one process writes the outputs
-            metrics = write_training_reports(trainer, args.metrics, args.curve, extra)
-            log_training(mlflow, trainer, metrics, args.out, ("loss",))
-    if main_process:
-        shutil.rmtree(args.checkpoints, ignore_errors=True)  # finished: nothing to resume
+    parser = training_parser(sft.__doc__.splitlines()[0])
+    stage_main(parser, SECTIONS, sft.run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct materialised once per session as a safetensors directory (by the real stage code)."""
-    from stages.prepare_models import materialise
+    from politune.prepare_models import materialise
 
     out = tmp_path_factory.mktemp("models") / "smollm2"
     materialise(SMOLLM2, out)
@@ -56,7 +56,8 @@ def copy_project(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"):
         shutil.copy2(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "politune"):
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "raw", dest / "data" / "raw")
     shutil.copytree(ROOT / "data" / "compass", dest / "data" / "compass")
     shutil.copytree(ROOT / "data" / "external", dest / "data" / "external")
@@ -71,7 +72,7 @@ SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "
 @pytest.fixture(scope="session")
 def vllm_server(smollm2_dir, tmp_path_factory):
     """A real ``vllm serve`` of SmolLM2 on loopback (OpenAI-compatible); yields (base_url, model name, process)."""
-    from stages import serve
+    from politune import serve
 
     url, proc = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     yield url, str(smollm2_dir), proc

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.annotate import annotate
-from stages.backends import Backend
-from stages.build_datasets import build, collect
-from stages.common import read_yaml
+from politune.annotate import annotate
+from politune.backends import Backend
+from politune.build_datasets import build, collect
+from politune.common import read_yaml
 from tests.conftest import ROOT
 
 PARAMS = read_yaml(ROOT / "params.yaml")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.annotate import annotate, parse_triplet
+from politune.annotate import annotate, parse_triplet
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def check(table, report, cfg):
 
 
 def test_openai_backend_against_vllm_serve(vllm_server, monkeypatch):
-    from stages.backends import OpenAIBackend
+    from politune.backends import OpenAIBackend
 
     base_url, model, _ = vllm_server
     monkeypatch.setenv("POLITUNE_TEST_KEY", "sk-test-not-a-secret")
@@ -49,7 +49,7 @@ def test_openai_backend_against_vllm_serve(vllm_server, monkeypatch):
 
 
 def test_transformers_backend(smollm2_dir):
-    from stages.backends import TransformersBackend
+    from politune.backends import TransformersBackend
 
     cfg = dict(PARAMS["annotate"], backend="transformers", threshold=0.0, max_new_tokens=160, max_retries=1)
     backend = TransformersBackend(str(smollm2_dir), cfg["transformers"], seed=0)
@@ -65,7 +65,7 @@ def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
 
     import mlflow
 
-    from stages.ingest import ingest
+    from politune.ingest import ingest
 
     base_url, model, _ = vllm_server
     key = "sk-politune-FAKE-" + secrets.token_hex(12)  # made at run time: no file can hold it by accident

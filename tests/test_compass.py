@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages.compass import load_compass
+from politune.compass import load_compass
 from tests.conftest import ROOT
 
 

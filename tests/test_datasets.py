@@ -7,8 +7,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from stages.build_datasets import build, collect, load_source, mixture_counts, normalise, save
-from stages.common import InputError, ParamsError
+from politune.build_datasets import build, collect, load_source, mixture_counts, normalise, save
+from politune.common import InputError, ParamsError
 from tests.conftest import ROOT
 
 POLITUNE = ROOT.parent / "shared" / "reference" / "politune"
@@ -107,7 +107,7 @@ def test_dataset_files_are_byte_identical_across_runs(tmp_path, external):
 
 
 def test_thesis_is_the_first_sentence_cut_at_a_word():
-    from stages.build_datasets import thesis
+    from politune.build_datasets import thesis
 
     assert thesis("Taxes  are much too high for working families!\nWe should cut them. Now.", 300) == \
         "Taxes are much too high for working families!"
@@ -123,7 +123,7 @@ def test_stance_pairs_come_from_their_own_split_and_never_from_the_compass(exter
     with the rejected one's, in the stance template; off at fraction 0 (the default: datasets unchanged)."""
     import yaml
 
-    from stages.build_datasets import thesis
+    from politune.build_datasets import thesis
 
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["datasets"]["stance"]
     assert cfg["fraction"] == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from demo import report, run
-from stages.common import InputError
-from stages.compass import load_compass
+from politune.common import InputError
+from politune.compass import load_compass
 from tests.conftest import ROOT
 
 COMPASS = ROOT / "data" / "compass" / "political_compass.json"

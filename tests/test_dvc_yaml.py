@@ -2,7 +2,6 @@
 
 import ast
 import importlib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +9,7 @@ import yaml
 from tests.conftest import ROOT
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+PACKAGES = ("stages", "politune")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 
@@ -19,7 +19,7 @@ def stage_module(cmd: str) -> str:
 
 
 def local_imports(module: str, seen=None) -> set[str]:
-    """The ``stages.*`` modules that ``module`` imports, transitively (including itself)."""
+    """The project modules (``stages.*``, ``politune.*``) that ``module`` imports, transitively (including itself)."""
     seen = set() if seen is None else seen
     if module in seen:
         return seen
@@ -27,10 +27,10 @@ def local_imports(module: str, seen=None) -> set[str]:
     path = ROOT / (module.replace(".", "/") + ".py")
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from politune import dpo`
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("stages.")]
+            names = [a.name for a in node.names if a.name.split(".")[0] in PACKAGES]
         for name in names:
             if (ROOT / (name.replace(".", "/") + ".py")).exists():
                 local_imports(name, seen)
@@ -47,10 +47,12 @@ def test_stage_params_are_exactly_the_sections_its_module_loads(name):
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
-def test_stage_deps_include_its_code(name):
+def test_stage_code_deps_are_exactly_the_code_it_runs(name):
     stage = PIPELINE[name]
     needed = {m.replace(".", "/") + ".py" for m in local_imports(stage_module(stage["cmd"]))}
-    assert needed <= set(stage["deps"]), f"{name}: missing code deps {sorted(needed - set(stage['deps']))}"
+    declared = {d for d in stage["deps"] if d.endswith(".py")}
+    assert needed <= declared, f"{name}: missing code deps {sorted(needed - declared)}"
+    assert declared <= needed, f"{name}: code deps it does not run {sorted(declared - needed)}"
 
 
 def test_every_params_section_is_read_by_some_stage():
@@ -77,7 +79,7 @@ def test_paths_come_from_dvc_yaml_not_code():
     for stage in PIPELINE.values():
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             outs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-    for path in (ROOT / "stages").glob("*.py"):
+    for path in [*(ROOT / "stages").glob("*.py"), *(ROOT / "politune").glob("*.py")]:
         text = path.read_text(encoding="utf-8")
         for out in outs:
             assert out not in text, f"{path.name} hard-codes {out}"

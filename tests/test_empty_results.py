@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.ingest import ingest
+from politune.ingest import ingest
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.compass import load_compass
-from stages.evaluate import classified_probabilities, elicit, paraphrase_probabilities, summarise, trajectory_dirs
+from politune.compass import load_compass
+from politune.evaluate import classified_probabilities, elicit, paraphrase_probabilities, summarise, trajectory_dirs
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -64,7 +64,7 @@ def test_trajectory_dirs(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from stages.inference import load_with_adapters
+    from politune.inference import load_with_adapters
 
     return load_with_adapters(smollm2_dir, {})
 

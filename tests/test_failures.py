@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.ingest import ingest
-from stages import serve
+from politune.ingest import ingest
+from politune import serve
 from tests.conftest import ROOT, SERVE_ENGINE
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import InputError
-from stages.ingest import clean_text, extract_text, ingest
+from politune.common import InputError
+from politune.ingest import clean_text, extract_text, ingest
 from tests.conftest import ROOT
 
 CFG = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["ingest"]

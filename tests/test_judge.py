@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 import yaml
 
-from stages import judge as judge_stage
-from stages.serve import engine_args, engine_options, free_port
+from politune import judge as judge_stage
+from politune.serve import engine_args, engine_options, free_port
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -26,7 +26,7 @@ def test_engine_args_become_server_flags():
 
 
 def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
-    from stages import common
+    from politune import common
 
     engine = {"dtype": "auto", "max_model_len": 2048, "cpu_kvcache_space_gib": 3}
     for native, dtype in ((True, "bfloat16"), (False, "float32")):
@@ -41,7 +41,7 @@ def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
 
 
 def test_native_bf16_reads_the_cpu_flags():
-    from stages.common import cpu_bf16
+    from politune.common import cpu_bf16
 
     assert not cpu_bf16("flags\t: fpu avx avx2\n")
     assert cpu_bf16("flags\t: fpu avx2 avx512f avx512_bf16\n") and cpu_bf16("flags\t: fpu amx_bf16 amx_tile\n")

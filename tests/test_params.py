@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from stages.common import ParamsError, load_params
-from stages.schema import validate_sections
+from politune.common import ParamsError, load_params
+from politune.schema import validate_sections
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -68,7 +68,7 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
     from dvc.utils.serialize import load_yaml
     from trl import DPOConfig
 
-    from stages.training import strict_config
+    from politune.training import strict_config
 
     text = (ROOT / "params.yaml").read_text(encoding="utf-8").replace("  learning_rate: 5.0e-5\n",
                                                                     "  learning_rate: 1e-4\n", 1)

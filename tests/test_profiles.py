@@ -12,10 +12,10 @@ import shutil
 import pytest
 import yaml
 
-from stages.common import ParamsError
-from stages.profile import apply
-from stages.serve import engine_args, server_command
-from stages.training import strict_config
+from politune.common import ParamsError
+from politune.profile import apply
+from politune.serve import engine_args, server_command
+from politune.training import strict_config
 from tests.conftest import ROOT
 
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))

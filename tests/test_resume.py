@@ -9,9 +9,9 @@ import time
 import pytest
 import yaml
 
-from stages.build_datasets import build, normalise, save
-from stages.common import read_json
-from stages.training import prepare_checkpoints
+from politune.build_datasets import build, normalise, save
+from politune.common import read_json
+from politune.training import prepare_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_sft_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
 
 
 def test_dpo_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
-    from stages import sft
+    from politune import sft
 
     built = build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)
     save(built["sft"], tmp_path / "sft")

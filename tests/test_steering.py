@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from stages import side_preference
-from stages.build_datasets import build, collect
-from stages.common import ParamsError, read_yaml
-from stages.compass import agreement_bias, balanced, load_compass, load_twins
+from politune import side_preference
+from politune.build_datasets import build, collect
+from politune.common import ParamsError, read_yaml
+from politune.compass import agreement_bias, balanced, load_compass, load_twins
 from tests.conftest import ROOT
 
 PARAMS = read_yaml(ROOT / "params.yaml")
@@ -36,7 +36,7 @@ def test_twins_pair_with_the_originals_and_reverse_their_weights(compass):
 
 
 def test_twins_file_that_does_not_match_the_compass_is_refused(compass, tmp_path):
-    from stages.common import InputError
+    from politune.common import InputError
 
     data = json.loads(TWINS.read_text(encoding="utf-8"))
     data["items"] = data["items"][:61]
@@ -146,7 +146,7 @@ def test_mirror_params_errors_name_the_key(external, tmp_path, mirror, side, mat
 
 
 def test_params_schema_checks_the_new_keys():
-    from stages.schema import validate_sections
+    from politune.schema import validate_sections
 
     datasets = dict(PARAMS["datasets"], mirror={"source": None, "side": "centre", "fraction": 1.0})
     assert any(p.startswith("datasets.mirror.side") for p in validate_sections({"datasets": datasets}))
@@ -208,8 +208,8 @@ def _pairs(topics, data_side):
 @pytest.fixture(scope="module")
 def right_trained(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter on the tiny random model, trained by the SFT stage's code on right-voiced answers."""
-    from stages.build_datasets import normalise, save
-    from stages.sft import train
+    from politune.build_datasets import normalise, save
+    from politune.sft import train
 
     root = tmp_path_factory.mktemp("right-trained")
     pairs = normalise(_pairs(TOPICS[:12], "right"), "train")
@@ -223,8 +223,8 @@ def right_trained(tiny_model_dir, tmp_path_factory):
 
 def test_instrument_shows_the_side_a_model_was_trained_for_and_zero_for_base(tiny_model_dir, right_trained,
                                                                                 tmp_path):
-    from stages.evaluate import side_summary
-    from stages.inference import load_with_adapters
+    from politune.evaluate import side_summary
+    from politune.inference import load_with_adapters
 
     held = {side: tmp_path / f"{side}.jsonl" for side in ("right", "left")}
     for side, path in held.items():  # unseen topics, both data sides

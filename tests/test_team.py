@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.serve import free_port
-from stages.tracking import repo_root
+from politune.serve import free_port
+from politune.tracking import repo_root
 from tests.conftest import copy_project
 from tests.test_pipeline_e2e import STAGES, ran, run, tiny_params
 
@@ -50,7 +50,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """An `mlflow server` (SQLite backend, proxied artifacts) and a moto S3 server, both on loopback."""
-    from stages.serve import stop
+    from politune.serve import stop
 
     tmp = tmp_path_factory.mktemp("servers")
     procs, urls = [], {}

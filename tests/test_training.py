@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.build_datasets import build, normalise, save
-from stages.common import ParamsError
-from stages.training import strict_config
+from politune.build_datasets import build, normalise, save
+from politune.common import ParamsError
+from politune.training import strict_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def tiny_data(tmp_path):
 
 
 def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_data):
-    from stages import dpo, sft
+    from politune import dpo, sft
 
     base_before = load_file(tiny_model_dir / "model.safetensors")
     params = {
@@ -86,7 +86,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
 
 def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model_dir, tiny_data):
     """The ablation (recipe.dpo_start: base): same LoRA shape as SFT, fresh weights, the base model as reference."""
-    from stages import dpo, sft
+    from politune import dpo, sft
 
     params = {
         "base": {"seed": 0},
@@ -124,7 +124,7 @@ def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
 
     import yaml
 
-    from stages.serve import free_port
+    from politune.serve import free_port
 
     params = {"base": {"seed": 0}, "launch": {"training": "torchrun"},
               "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],

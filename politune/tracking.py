@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.common import flatten
+from politune.common import flatten
 
 EXPERIMENT = os.environ.get("POLITUNE_MLFLOW_EXPERIMENT", "politune")
 PIPELINE_KEY = "politune.pipeline_key"

@@ -60,7 +60,7 @@ def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, A
     if missing:
         raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")
     params = {s: data[s] for s in sections}
-    from stages.schema import validate_sections
+    from politune.schema import validate_sections
 
     problems = validate_sections(params)
     if problems:
@@ -72,6 +72,13 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return parser
+
+
+def stage_main(parser: argparse.ArgumentParser, sections: Sequence[str], run, argv: Sequence[str] | None = None):
+    """A stage's command line: parse its paths (named in ``dvc.yaml``), load and validate the params sections it
+    declares, then ``run(params, params_file, paths)`` in the library."""
+    paths = parser.parse_args(argv)
+    return run(load_params(paths.params, sections), paths.params, paths)
 
 
 def run_main(fn, argv: Sequence[str] | None = None) -> None:

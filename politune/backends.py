@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import EndpointError, ParamsError
+from politune.common import EndpointError, ParamsError
 
 log = logging.getLogger("politune.backends")
 BACKENDS = ("vllm", "openai", "transformers")
@@ -41,7 +41,7 @@ class VLLMBackend(Backend):
     """The offline vLLM engine. Create it under ``if __name__ == "__main__":`` (vLLM spawns workers)."""
 
     def __init__(self, model: str, engine: dict[str, Any], seed: int) -> None:
-        from stages.serve import engine_options
+        from politune.serve import engine_options
 
         env, kwargs = engine_options(engine)
         for key, value in env.items():

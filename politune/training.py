@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common import ParamsError, resolve_bf16, stage_parser, write_json
+from politune.common import ParamsError, resolve_bf16, stage_parser, write_json
 
 log = logging.getLogger("politune.training")
 CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1}
@@ -136,7 +136,7 @@ def training_parser(description: str, adapter: bool = False):
 
 def log_training(mlflow, trainer, metrics: dict[str, Any], adapter_dir: str | Path, step_keys: tuple[str, ...]):
     """Mirror the per-step curve, the final metrics and the adapter to MLflow."""
-    from stages.tracking import log_artifacts, log_metrics
+    from politune.tracking import log_artifacts, log_metrics
 
     for rec in trainer.state.log_history:
         if "loss" in rec:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import InputError
+from politune.common import InputError
 
 log = logging.getLogger("politune.side_preference")
 SIDES = ("right", "left")
@@ -85,7 +85,7 @@ def from_test_split(data_dir: str | Path, pairs: Pairs) -> int:
 
 def from_file(path: str | Path, side: str, max_pairs: int | None, pairs: Pairs) -> int:
     """Add a held-out preference file whose chosen answers voice ``side`` (its data side); returns the count."""
-    from stages.build_datasets import _read_path, normalise
+    from politune.build_datasets import _read_path, normalise
 
     if not Path(path).exists():
         raise InputError(f"evaluate.side_preference.heldout: {path}: no such file")
@@ -115,7 +115,7 @@ def collect(test_split: str | Path | None, cfg) -> tuple[Pairs, dict[str, Any]]:
 
 def answer_logprobs(model, tokenizer, pairs: Pairs, batch_size: int, max_length: int) -> dict[str, np.ndarray]:
     """Summed log-probabilities and token counts of each pair's right- and left-voiced answers."""
-    from stages.inference import continuation_logprobs
+    from politune.inference import continuation_logprobs
 
     out = {}
     for side in SIDES:
@@ -174,7 +174,7 @@ def write_table(path: str | Path, pairs: Pairs, per_model: dict[str, dict[str, n
     """Per pair: its id and data side, and each model's d (summed and per token), for comparisons across runs."""
     import csv
 
-    from stages.common import atomic_path
+    from politune.common import atomic_path
 
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as fh:

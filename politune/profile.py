@@ -1,6 +1,6 @@
 """Apply a params profile: merge an overlay (``profiles/*.yaml``) into ``params.yaml``, keeping its comments.
 
-    python -m stages.profile profiles/paper-llama3-8b.yaml     # then: dvc exp run -n paper-llama3-8b
+    python -m politune.profile profiles/paper-llama3-8b.yaml     # then: dvc exp run -n paper-llama3-8b
 
 An overlay holds only the keys it changes, nested like ``params.yaml``; mappings merge key by key, everything else
 (lists, scalars) replaces. ``extends: other.yaml`` (beside it) applies that overlay first. Every key must already exist in ``params.yaml`` (a typo fails here, not hours later),
@@ -15,8 +15,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from stages.common import ParamsError, atomic_path, run_main
-from stages.schema import validate_sections
+from politune.common import ParamsError, atomic_path, run_main
+from politune.schema import validate_sections
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any], where: str = "") -> None:

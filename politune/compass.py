@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.common import InputError, atomic_path, read_json
+from politune.common import InputError, atomic_path, read_json
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.common import EndpointError, resolve_dtype
+from politune.common import EndpointError, resolve_dtype
 
 log = logging.getLogger("politune.serve")
 
@@ -41,7 +41,7 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
 
     The one mapping used by the offline engine and by ``vllm serve``: ``cpu_kvcache_space_gib`` becomes
     ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``dtype: auto`` becomes bfloat16 where bf16 is native and float32
-    elsewhere (``stages.common.resolve_dtype``); every other key is passed to vLLM as it is.
+    elsewhere (``politune.common.resolve_dtype``); every other key is passed to vLLM as it is.
     """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
     options = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}

@@ -2,7 +2,7 @@
 
 Each section a stage loads is validated here; a bad value gives one message naming the key (``annotate.threshold:
 ...``). The TRL/PEFT-facing sections (``lora``, ``sft``, ``dpo``) are checked a second time, field by field, when
-they are parsed into ``LoraConfig``/``SFTConfig``/``DPOConfig`` (``stages/training.py``).
+they are parsed into ``LoraConfig``/``SFTConfig``/``DPOConfig`` (``politune/training.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""politune: the PoliTune method as a DVC pipeline. One module per stage."""

@@ -1,0 +1,91 @@
+"""Stage ``dpo``: DPO with TRL's ``DPOTrainer``, continuing the SFT LoRA adapter.
+
+With ``recipe.dpo_start: sft`` (the paper's recipe) the SFT adapter is loaded as a trainable ``PeftModel`` (stacked
+on the base model, not merged). TRL copies it into a frozen ``ref`` adapter, so the reference policy is the SFT model
+and no second model is loaded. With ``recipe.dpo_start: base`` (the ablation "DPO without SFT") DPO trains a fresh
+adapter with the SFT adapter's LoRA config on the base model, and TRL uses the base model (adapter disabled) as the
+reference. The ``dpo`` params
+section is parsed strictly into ``trl.DPOConfig``. The trained adapter (base + this adapter = the DPO model) is saved
+to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``dpo.save_steps`` steps)
+is saved to ``<trajectory>/step-N`` for the evaluate stage's compass trajectory. Snapshots are kept with the
+checkpoints while training, so a resumed run still has the ones before the interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+from typing import Any
+from pathlib import Path
+
+from politune.common import atomic_path, seed_everything
+from politune.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
+                             is_main_process, prepare_checkpoints, strict_config, write_training_reports)
+
+log = logging.getLogger("politune.dpo")
+
+
+def snapshot_callback(directory: Path):
+    """A TrainerCallback that saves the trained adapter (not the frozen ref) at every checkpoint to ``step-N``."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                model.save_pretrained(directory / f"step-{state.global_step}", selected_adapters=["default"])
+
+    return Snapshots()
+
+
+def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False, trajectory_dir=None):
+    from peft import LoraConfig, PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    seed = params["base"]["seed"]
+    config = strict_config(DPOConfig, "dpo", params["dpo"], defaults=CHECKPOINT_DEFAULTS,
+                           output_dir=str(work_dir), seed=seed)
+    seed_everything(seed)
+    base, tokenizer = load_target(model_dir)
+    if params["recipe"]["dpo_start"] == "sft":
+        model, peft_config = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), None
+    else:  # a fresh adapter of the same shape as the SFT one; the SFT weights are not used
+        model, peft_config = base, LoraConfig.from_pretrained(adapter_dir)
+        peft_config.inference_mode = False
+    splits = load_splits(data_dir)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
+                         eval_dataset=splits.get("test"), processing_class=tokenizer,
+                         callbacks=[snapshot_callback(Path(work_dir) / "trajectory")] if trajectory_dir else None)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    eval_metrics = trainer.evaluate() if "test" in splits else {}
+    if not trainer.is_world_process_zero():
+        return trainer, {}
+    with atomic_path(out_dir) as tmp:
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+    if trajectory_dir:
+        snapshots = Path(work_dir) / "trajectory"
+        with atomic_path(trajectory_dir) as tmp:
+            shutil.copytree(snapshots, tmp) if snapshots.is_dir() else tmp.mkdir()
+    extra = {}
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in eval_metrics:
+            extra[key.replace("/", "_")] = round(eval_metrics[key], 6)
+    return trainer, extra
+
+
+def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+    """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
+    from politune.tracking import stage_run
+
+    resume = prepare_checkpoints(paths.checkpoints, fingerprint(params, paths.model, paths.adapter, paths.data))
+    main_process = is_main_process()
+    with stage_run("dpo", params, params_file) if main_process else contextlib.nullcontext() as mlflow:
+        trainer, extra = train(paths.model, paths.adapter, paths.data, paths.out, params, paths.checkpoints, resume,
+                              paths.trajectory)
+        if main_process:  # under `accelerate launch`, one process writes the outputs
+            metrics = write_training_reports(trainer, paths.metrics, paths.curve, extra)
+            log_training(mlflow, trainer, metrics, paths.out, ("loss", "rewards/accuracies", "rewards/margins"))
+    if main_process:
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing to resume
+
