@@ -13,21 +13,21 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from politune.annotate import build_chat, triplet_schema
+from politune.annotate import build_chat, triplet_model
+from politune.common import load_params
 
 
 def measure(backend, texts, cfg, max_tokens, score=True):
-    prefixes = [cfg["score_prefix"].format(viewpoint=v) for v in cfg["viewpoints"].values()]
+    prefixes = [cfg.score_prefix.format(viewpoint=v) for v in cfg.viewpoints.values()]
     t0 = time.perf_counter()
     if score:
-        backend.loglikelihoods(prefixes, texts, cfg["max_post_tokens"])
+        backend.loglikelihoods(prefixes, texts, cfg.max_post_tokens)
     t_score = time.perf_counter() - t0
     chats = [build_chat(cfg, "right", t) for t in texts]
     before = backend.tokens_generated
     t0 = time.perf_counter()
-    backend.generate_json(chats, triplet_schema(cfg["max_answer_chars"]), max_tokens, 0.0, 0)
+    backend.generate_json(chats, triplet_model(cfg.max_answer_chars).model_json_schema(), max_tokens, 0.0, 0)
     t_gen = time.perf_counter() - t0
     tokens = backend.tokens_generated - before
     return {"n": len(texts), "score_seconds": round(t_score, 2) if score else None, "generate_seconds": round(t_gen, 2),
@@ -49,8 +49,7 @@ def main() -> None:
     parser.add_argument("--no-score", action="store_true", help="time generation only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    with open(args.params, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)["annotate"]
+    cfg = load_params(args.params, ["annotate"]).annotate
     posts = pd.read_parquet(args.posts)["text"].tolist()
     texts_for = lambda n: (posts * (n // len(posts) + 1))[:n]  # noqa: E731
     results = {}
@@ -59,11 +58,11 @@ def main() -> None:
     for name in args.backends:
         if name == "vllm":
             t0 = time.perf_counter()
-            backend = VLLMBackend(args.model, cfg["engine"], seed=0)
+            backend = VLLMBackend(args.model, cfg.engine, seed=0)
             start = time.perf_counter() - t0
         else:
             batch = 1 if name.endswith("b1") else args.transformers_batch
-            backend = TransformersBackend(args.model, dict(cfg["transformers"], batch_size=batch), seed=0)
+            backend = TransformersBackend(args.model, cfg.transformers.model_copy(update={"batch_size": batch}), seed=0)
             start = 0.0
         runs = []
         for n in args.n:

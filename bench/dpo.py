@@ -1,4 +1,4 @@
-"""DPO step time: the default target model, LoRA continuing the SFT adapter, batch 4, max length 256.
+"""DPO step time, measured by the ``dpo`` stage's own training code (``politune.dpo.train``) on the pipeline's data.
 
 Each configuration runs in a process of its own (so peak memory is its own) for the same steps on the same data
 and seed, and reports seconds per optimiser step (steady state, the first step excluded, plus any one-off
@@ -6,10 +6,11 @@ precomputation spread over the steps), peak RSS, the final training loss and the
 
     python -m bench.dpo --configs default optimised --steps 12 --out bench-out/dpo.json
 
-Configurations (``CONFIGS``): ``default`` is TRL's DPOConfig in fp32 (only ``bf16: false``, which CPU requires);
-``optimised`` adds bf16 autocast on CPU (``use_cpu`` + ``bf16``, when the CPU has AVX512-BF16 or AMX) and
-``precompute_ref_log_probs`` (the frozen reference's log-probabilities computed once, not every step); the others
-isolate one change each.
+The params are ``params.yaml``'s (``base``, ``recipe``, ``lora``, ``dpo``: batch, length, learning rate, beta), with
+``max_steps`` and no checkpoints; each configuration (``CONFIGS``) overrides only the ``dpo`` keys it names:
+``default`` is fp32 without precomputation (TRL's defaults on CPU), ``optimised`` adds bf16 autocast on CPU (when
+the CPU has AVX512-BF16 or AMX) and ``precompute_ref_log_probs`` (the frozen reference's log-probabilities
+computed once, not every step); the others isolate one change each.
 """
 
 from __future__ import annotations
@@ -23,26 +24,20 @@ import time
 from pathlib import Path
 
 CONFIGS = {
-    "default": {"bf16": False},
+    "default": {"bf16": False, "precompute_ref_log_probs": False},
     "precompute": {"bf16": False, "precompute_ref_log_probs": True},
-    "bf16": {"use_cpu": True, "bf16": True},
+    "bf16": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": False},
     "optimised": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": True},
 }
-
-
-def cpu_has_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace") if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+SECTIONS = ("base", "launch", "recipe", "lora", "dpo")
 
 
 def run_one(name: str, args) -> dict:
-    """Train ``args.steps`` DPO steps under configuration ``name``; runs inside its own process."""
-    from peft import PeftModel
+    """Train ``args.steps`` DPO steps under configuration ``name`` with the stage's code; runs in its own process."""
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    from politune.common import seed_everything
-    from politune.training import load_splits, load_target
+    from politune import dpo
+    from politune.common import load_params
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -51,18 +46,14 @@ def run_one(name: str, args) -> dict:
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter())
 
-    seed_everything(0)
-    base, tokenizer = load_target(args.model)
-    model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
-    splits = load_splits(args.data)
-    config = DPOConfig(output_dir=str(Path(args.work) / name), max_steps=args.steps, per_device_train_batch_size=4,
-                       max_length=256, learning_rate=5e-5, beta=0.1, logging_steps=1, save_strategy="no",
-                       report_to="none", seed=0, **CONFIGS[name])
+    params = load_params(args.params, SECTIONS)
+    params.dpo = {**params.dpo, **CONFIGS[name], "max_steps": args.steps, "save_strategy": "no",
+                  "logging_steps": 1}
     clock = Clock()
+    work = Path(args.work) / name
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["test"],
-                         processing_class=tokenizer, callbacks=[clock])
-    trainer.train()
+    trainer, _ = dpo.train(args.model, args.adapter, args.data, work / "adapter", params, work / "run",
+                           callbacks=[clock])
     total = time.perf_counter() - t0
     steady = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -80,6 +71,7 @@ def main() -> None:
     parser.add_argument("--model", default="models/target")
     parser.add_argument("--adapter", default="models/sft")
     parser.add_argument("--data", default="data/datasets/dpo")
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--configs", nargs="+", default=["default", "optimised"], choices=sorted(CONFIGS))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--work", default="bench-out/dpo-work")
@@ -89,12 +81,14 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return
-    results = {"cpu_bf16": cpu_has_bf16()}
+    from politune.common import cpu_bf16
+
+    results = {"cpu_bf16": cpu_bf16()}
     for name in args.configs:
         if CONFIGS[name].get("bf16") and not results["cpu_bf16"]:
             print(f"{name}: skipped, this CPU has no bf16 instructions", flush=True)
             continue
-        cmd = [sys.executable, "-m", "bench.dpo", "--one", name] + [a for k in ("model", "adapter", "data", "work")
+        cmd = [sys.executable, "-m", "bench.dpo", "--one", name] + [a for k in ("model", "adapter", "data", "params", "work")
                                                                      for a in (f"--{k}", getattr(args, k))]
         cmd += ["--steps", str(args.steps), "--out", args.out]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -26,15 +26,16 @@ opposite's rows into mirror pairs (docs/steering.md).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from politune.backends import make_backend
 from politune.common import InputError, atomic_path, seed_everything, write_json
+from politune.schema import Annotate, Params
 
 log = logging.getLogger("politune.annotate")
 
@@ -42,63 +43,51 @@ TRIPLET_FIELDS = ("instruction", "chosen", "rejected")
 SCORE_RANGE = (0, 10)
 
 
-def score_schema() -> dict[str, Any]:
-    low, high = SCORE_RANGE
-    return {
-        "type": "object",
-        "properties": {"score": {"type": "integer", "minimum": low, "maximum": high},
-                       "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
-        "required": ["score", "reason"],
-        "additionalProperties": False,
-    }
+def _one_line(value: Any) -> Any:
+    """Whitespace runs become one space (before the length checks)."""
+    return " ".join(value.split()) if isinstance(value, str) else value
 
 
-def parse_score(text: str) -> dict[str, Any] | None:
-    """Validate one generated JSON rating; ``None`` if it does not hold."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or set(obj) != {"score", "reason"}:
-        return None
-    score, reason = obj["score"], obj["reason"]
-    if isinstance(score, bool) or not isinstance(score, int) or not SCORE_RANGE[0] <= score <= SCORE_RANGE[1]:
-        return None
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 200:
-        return None
-    return {"score": score, "reason": " ".join(reason.split())}
+OneLine = Annotated[str, Strict(), BeforeValidator(_one_line)]
 
 
-def triplet_schema(max_chars: int) -> dict[str, Any]:
-    field = {"type": "string", "minLength": 8, "maxLength": max_chars}
-    return {
-        "type": "object",
-        "properties": {name: dict(field) for name in TRIPLET_FIELDS},
-        "required": list(TRIPLET_FIELDS),
-        "additionalProperties": False,
-    }
+# A JSON rating (score_method: json): the schema sent to the engine and the check of its reply, from one class (no
+# docstring: it would travel in the schema as a description).
+class Rating(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    score: Annotated[int, Strict(), Field(ge=SCORE_RANGE[0], le=SCORE_RANGE[1])]
+    reason: Annotated[OneLine, Field(min_length=1, max_length=200)]
 
 
-def parse_triplet(text: str, max_chars: int) -> dict[str, str] | None:
-    """Validate one generated JSON triplet; ``None`` if it does not hold."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or set(obj) != set(TRIPLET_FIELDS):
-        return None
-    out = {}
-    for name in TRIPLET_FIELDS:
-        value = obj[name]
-        if not isinstance(value, str):
+def triplet_model(max_chars: int) -> type[BaseModel]:
+    """The triplet of one annotated post, each field 8 to ``max_chars`` characters (``annotate.max_answer_chars``);
+    chosen and rejected must differ."""
+    text = Annotated[OneLine, Field(min_length=8, max_length=max_chars)]
+
+    class Triplet(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        instruction: text
+        chosen: text
+        rejected: text
+
+        @model_validator(mode="after")
+        def _two_answers(self):
+            if self.chosen.lower() == self.rejected.lower():
+                raise ValueError("chosen and rejected are the same answer")
+            return self
+
+    return Triplet
+
+
+def parser(model: type[BaseModel]):
+    """``text -> dict`` of the fields, or ``None`` where the reply is not valid JSON of ``model``."""
+    def parse(text: str) -> dict[str, Any] | None:
+        try:
+            return model.model_validate_json(text).model_dump()
+        except ValidationError:
             return None
-        value = " ".join(value.split())
-        if len(value) < 8 or len(value) > max_chars:
-            return None
-        out[name] = value
-    if out["chosen"].lower() == out["rejected"].lower():
-        return None
-    return out
+
+    return parse
 
 
 def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
@@ -109,29 +98,29 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def build_chat(cfg: dict[str, Any], ideology: str, post: str) -> list[dict[str, str]]:
-    prompts = cfg["prompts"][ideology]
-    fill = {"post": post, "ideology": ideology, "viewpoint": cfg["viewpoints"][ideology],
-            "opposite": cfg["viewpoints"][prompts["opposite"]]}
+def build_chat(cfg: Annotate, ideology: str, post: str) -> list[dict[str, str]]:
+    prompts = cfg.prompts[ideology]
+    fill = {"post": post, "ideology": ideology, "viewpoint": cfg.viewpoints[ideology],
+            "opposite": cfg.viewpoints[prompts.opposite]}
     return [
-        {"role": "system", "content": prompts["system"].format(**fill)},
-        {"role": "user", "content": prompts["generate"].format(**fill)},
+        {"role": "system", "content": prompts.system.format(**fill)},
+        {"role": "user", "content": prompts.generate.format(**fill)},
     ]
 
 
-def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: dict[str, Any], seed: int):
+def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Annotate, seed: int):
     """Schema-constrained generation with bounded retries: returns ({key: parsed}, retries, [keys never valid]).
 
     The first attempt is greedy; each retry samples at ``retry_temperature`` with its own seed.
     """
     done, pending, retries = {}, list(chats), 0
-    for attempt in range(cfg["max_retries"] + 1):
+    for attempt in range(cfg.max_retries + 1):
         if not pending:
             break
         if attempt:
             retries += len(pending)
-        temperature = 0.0 if attempt == 0 else cfg["retry_temperature"]
-        outputs = backend.generate_json([chats[k] for k in pending], schema, cfg["max_new_tokens"], temperature,
+        temperature = 0.0 if attempt == 0 else cfg.retry_temperature
+        outputs = backend.generate_json([chats[k] for k in pending], schema, cfg.max_new_tokens, temperature,
                                         seed + attempt)
         still = []
         for key, text in zip(pending, outputs):
@@ -144,53 +133,54 @@ def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: dict
     return done, retries, pending
 
 
-def json_scores(table, backend, ideology: str, cfg: dict[str, Any], seed: int):
+def json_scores(table, backend, ideology: str, cfg: Annotate, seed: int):
     """``score_method: json``: the annotator rates each post as JSON {score: 0..10, reason}; returns [0, 1] scores."""
     low, high = SCORE_RANGE
-    prompts = cfg["prompts"][ideology]
-    chats = {i: [{"role": "system", "content": prompts["system"].format(viewpoint=cfg["viewpoints"][ideology])},
-                 {"role": "user", "content": prompts["score"].format(post=table.at[i, "text"], low=low, high=high,
-                                                                     viewpoint=cfg["viewpoints"][ideology])}]
+    prompts = cfg.prompts[ideology]
+    chats = {i: [{"role": "system", "content": prompts.system.format(viewpoint=cfg.viewpoints[ideology])},
+                 {"role": "user", "content": prompts.score.format(post=table.at[i, "text"], low=low, high=high,
+                                                                     viewpoint=cfg.viewpoints[ideology])}]
              for i in table.index}
-    done, retries, failed = generate_validated(backend, chats, score_schema(), parse_score, cfg, seed)
+    done, retries, failed = generate_validated(backend, chats, Rating.model_json_schema(), parser(Rating), cfg,
+                                              seed)
     scores = np.array([done[i]["score"] / high if i in done else np.nan for i in table.index])
     reasons = [done[i]["reason"] if i in done else None for i in table.index]
     return scores, reasons, retries, failed
 
 
-def select(table, column: str, cfg: dict[str, Any], eligible) -> np.ndarray:
+def select(table, column: str, cfg: Annotate, eligible) -> np.ndarray:
     """Rows whose ``column`` score reaches ``annotate.threshold`` (among ``eligible``), the ``max_kept`` best."""
-    keep = (table[column] >= cfg["threshold"]).to_numpy() & np.asarray(eligible, dtype=bool)
-    if cfg.get("max_kept"):
-        order = table[keep].sort_values([column, "id"], ascending=[False, True]).index[: cfg["max_kept"]]
+    keep = (table[column] >= cfg.threshold).to_numpy() & np.asarray(eligible, dtype=bool)
+    if cfg.max_kept:
+        order = table[keep].sort_values([column, "id"], ascending=[False, True]).index[: cfg.max_kept]
         keep = table.index.isin(order)
     return keep
 
 
-def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
+def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
     """Return the annotated table (every post, with its status) and the report."""
     t0 = time.perf_counter()
     table = posts.copy()
-    names = list(cfg["viewpoints"]) + ["none"]
+    names = list(cfg.viewpoints) + ["none"]
     retries, score_invalid = 0, []
     probs = None
-    if cfg["score_method"] == "json":
+    if cfg.score_method == "json":
         scores, reasons, retries, score_invalid = json_scores(table, backend, ideology, cfg, seed)
         table["score"] = scores
         table["reason"] = reasons
         table["viewpoint"] = None
     else:
-        prefixes = [cfg["score_prefix"].format(viewpoint=cfg["viewpoints"][n]) for n in cfg["viewpoints"]]
-        prefixes.append(cfg["score_prefix"].format(viewpoint=cfg["none_viewpoint"]))
-        loglik = backend.loglikelihoods(prefixes, table["text"].tolist(), cfg["max_post_tokens"])
-        probs = viewpoint_probabilities(loglik, cfg["calibrate"])
+        prefixes = [cfg.score_prefix.format(viewpoint=cfg.viewpoints[n]) for n in cfg.viewpoints]
+        prefixes.append(cfg.score_prefix.format(viewpoint=cfg.none_viewpoint))
+        loglik = backend.loglikelihoods(prefixes, table["text"].tolist(), cfg.max_post_tokens)
+        probs = viewpoint_probabilities(loglik, cfg.calibrate)
         table["score"] = probs[:, names.index(ideology)].round(6)
         table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
     keep = select(table, "score", cfg, ~table.index.isin(score_invalid))
     table["side"] = np.where(keep, ideology, None)
-    opposite = cfg["prompts"][ideology]["opposite"]
-    if cfg.get("mirror"):
-        if cfg["score_method"] == "json":
+    opposite = cfg.prompts[ideology].opposite
+    if cfg.mirror:
+        if cfg.score_method == "json":
             scores, _, more, invalid = json_scores(table, backend, opposite, cfg, seed)
             table["score_opposite"] = scores
             retries += more
@@ -205,9 +195,9 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
     for name in TRIPLET_FIELDS:
         table[name] = None
     chats = {i: build_chat(cfg, table.at[i, "side"], table.at[i, "text"]) for i in table.index[keep]}
-    done, triplet_retries, failed = generate_validated(
-        backend, chats, triplet_schema(cfg["max_answer_chars"]),
-        lambda text: parse_triplet(text, cfg["max_answer_chars"]), cfg, seed)
+    triplet = triplet_model(cfg.max_answer_chars)
+    done, triplet_retries, failed = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet),
+                                                       cfg, seed)
     for i, triplet in done.items():
         for name in TRIPLET_FIELDS:
             table.at[i, name] = triplet[name]
@@ -217,11 +207,11 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
     wall = time.perf_counter() - t0
     report = {
         "ideology": ideology,
-        "score_method": cfg["score_method"],
+        "score_method": cfg.score_method,
         "posts_in": int(len(table)),
         "kept": int((table["status"] == "kept").sum()),
         "kept_by_side": {side: int(((table["status"] == "kept") & (table["side"] == side)).sum())
-                         for side in dict.fromkeys([ideology, opposite] if cfg.get("mirror") else [ideology])},
+                         for side in dict.fromkeys([ideology, opposite] if cfg.mirror else [ideology])},
         "dropped": int((table["status"] == "dropped").sum()),
         "invalid": int((table["status"] == "invalid").sum()),
         "invalid_scores": len(score_invalid),
@@ -239,7 +229,7 @@ def annotate(posts, backend, ideology: str, cfg: dict[str, Any], seed: int):
                 "mean_score": round(float(group["score"].mean()), 4),
                 "kept_rate": round(float((group["status"] != "dropped").mean()), 4),
                 "viewpoint_match": round(float((group["viewpoint"] == label).mean()), 4)
-                if label in names and cfg["score_method"] == "likelihood" else None,
+                if label in names and cfg.score_method == "likelihood" else None,
             }
         report["quality"] = quality
     return table, report
@@ -255,32 +245,32 @@ def sample_markdown(table, n: int) -> str:
     return "\n".join(lines)
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    ideology, base, cfg = params["ideology"], params["base"], params["annotate"]
+    ideology, base, cfg = params.ideology, params.base, params.annotate
     import pandas as pd
 
     from politune.tracking import log_artifacts, log_metrics, stage_run
 
-    seed_everything(base["seed"])
+    seed_everything(base.seed)
     posts = pd.read_parquet(paths.posts)
-    if cfg.get("max_posts"):
-        posts = posts.head(int(cfg["max_posts"]))
+    if cfg.max_posts:
+        posts = posts.head(cfg.max_posts)
     with stage_run("annotate", params, params_file) as mlflow:
-        backend = make_backend(cfg, paths.model, base["seed"])
-        table, report = annotate(posts, backend, ideology, cfg, base["seed"])
-        report["backend"] = cfg["backend"]
+        backend = make_backend(cfg, paths.model, base.seed)
+        table, report = annotate(posts, backend, ideology, cfg, base.seed)
+        report["backend"] = cfg.backend
         if report["kept_by_side"][ideology] == 0:
             scores = table["score"]
             raise InputError(
                 f"{paths.posts}: annotation kept no post for ideology {ideology!r} (scores {scores.min():.3f} to "
-                f"{scores.max():.3f}, annotate.threshold={cfg['threshold']}, {report['invalid']} invalid outputs); "
+                f"{scores.max():.3f}, annotate.threshold={cfg.threshold}, {report['invalid']} invalid outputs); "
                 "lower annotate.threshold, raise annotate.max_retries, or add posts to data/raw")
         with atomic_path(paths.out) as tmp:
             table.to_parquet(tmp, index=False)
         write_json(paths.report, report)
         with atomic_path(paths.sample) as tmp:
-            tmp.write_text(sample_markdown(table, cfg["sample_size"]), encoding="utf-8")
+            tmp.write_text(sample_markdown(table, cfg.sample_size), encoding="utf-8")
         log_metrics(mlflow, report)
         log_artifacts(mlflow, paths.sample)
     log.info("annotation: %s", {k: report[k] for k in ("posts_in", "kept", "dropped", "invalid")})

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from politune.common import EndpointError, ParamsError
+from politune.common import ParamsError
+from politune.endpoint import Endpoint
+from politune.schema import Annotate
+from politune.schema import OpenAI as OpenAIParams
 
 log = logging.getLogger("politune.backends")
 BACKENDS = ("vllm", "openai", "transformers")
@@ -82,16 +84,11 @@ class VLLMBackend(Backend):
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible endpoint. Timeouts and bounded retries with backoff are the client's own."""
 
-    def __init__(self, cfg: dict[str, Any], default_model: str) -> None:
-        from openai import OpenAI
-
-        key_env = cfg.get("api_key_env") or "OPENAI_API_KEY"
-        self.client = OpenAI(base_url=cfg["base_url"], api_key=os.environ.get(key_env) or "EMPTY",
-                             timeout=float(cfg["timeout"]), max_retries=int(cfg["max_retries"]))
-        self.model = cfg.get("model") or default_model
-        self.where = f"{cfg['base_url']} (timeout {cfg['timeout']} s, {cfg['max_retries']} retries with backoff)"
-        self.concurrency = int(cfg.get("concurrency", 8))
-        self.batch_size = int(cfg.get("batch_size", 32))
+    def __init__(self, cfg: OpenAIParams, default_model: str) -> None:
+        self.endpoint = Endpoint(cfg.base_url, cfg, "annotation", "annotate.openai.base_url")
+        self.client = self.endpoint.client
+        self.model = cfg.model or default_model
+        self.batch_size = cfg.batch_size
         self.tokens_generated = 0
 
     def loglikelihoods(self, prefixes, texts, max_text_tokens):
@@ -110,18 +107,8 @@ class OpenAIBackend(Backend):
                                    if len(prefix) <= offset < len(prompt) and value is not None)
 
         batches = [jobs[k : k + self.batch_size] for k in range(0, len(jobs), self.batch_size)]
-        self._map(run, batches)
+        self.endpoint.map(run, batches)
         return scores
-
-    def _map(self, fn, items):
-        import openai
-
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                return list(pool.map(fn, items))
-        except openai.APIError as exc:
-            raise EndpointError(f"annotation endpoint {self.where} failed: {type(exc).__name__}: {exc}; "
-                                "start the server or fix annotate.openai.base_url, then rerun") from exc
 
     def generate_json(self, chats, schema, max_tokens, temperature, seed):
         fmt = {"type": "json_schema", "json_schema": {"name": "triplet", "schema": schema, "strict": True}}
@@ -131,7 +118,7 @@ class OpenAIBackend(Backend):
                                                        temperature=temperature, seed=seed, response_format=fmt)
             return resp.choices[0].message.content or "", (resp.usage.completion_tokens if resp.usage else 0)
 
-        results = self._map(run, chats)
+        results = self.endpoint.map(run, chats)
         self.tokens_generated += sum(n for _, n in results)
         return [text for text, _ in results]
 
@@ -147,9 +134,9 @@ class TransformersBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.get("dtype", "float32")))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
-        self.batch_size = int(cfg.get("batch_size", 8))
+        self.batch_size = cfg.batch_size
         self.seed = seed
         self.tokens_generated = 0
         self._compiler = None
@@ -210,12 +197,12 @@ class TransformersBackend(Backend):
         return outputs
 
 
-def make_backend(cfg: dict[str, Any], model_dir: str, seed: int) -> Backend:
-    name = cfg.get("backend")
+def make_backend(cfg: Annotate, model_dir: str, seed: int) -> Backend:
+    name = cfg.backend
     if name == "vllm":
-        return VLLMBackend(model_dir, cfg["engine"], seed)
+        return VLLMBackend(model_dir, cfg.engine, seed)
     if name == "openai":
-        return OpenAIBackend(cfg["openai"], default_model=model_dir)
+        return OpenAIBackend(cfg.openai, default_model=model_dir)
     if name == "transformers":
-        return TransformersBackend(model_dir, cfg["transformers"], seed)
+        return TransformersBackend(model_dir, cfg.transformers, seed)
     raise ParamsError(f"annotate.backend: {name!r} is not one of {', '.join(BACKENDS)}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from politune.common import InputError, ParamsError, atomic_path, write_json
+from politune.schema import Datasets, Params, Stance
 
 OPPOSITE = {"right": "left", "left": "right"}
 FIELDS = ("prompt", "chosen", "rejected")
@@ -83,7 +84,7 @@ def load_source(source: str, annotated: str | Path, external: str | Path,
         external = Path(external).resolve()
         if external not in path.resolve().parents:
             raise ParamsError(f"datasets source {source!r}: put preference files under {external} (a tracked dep)")
-        return normalise(_read_path(path), str(path))
+        return normalise(read_rows(path), str(path))
     if path.suffix or source.startswith((".", "/")) or path.parts[:1] == ("data",):
         raise InputError(f"datasets source {source!r}: no such file or folder")
     if "/" in source:
@@ -93,7 +94,9 @@ def load_source(source: str, annotated: str | Path, external: str | Path,
     raise ParamsError(f"datasets source {source!r}: not 'annotated', an existing path or a hub id")
 
 
-def _read_path(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a preference file (JSON Lines, JSON, Parquet, CSV), a folder of them, or a saved ``datasets``
+    dataset; bad JSON names the file and row."""
     import json
 
     import pandas as pd
@@ -107,7 +110,7 @@ def _read_path(path: Path) -> list[dict[str, Any]]:
             return list(ds)
         rows = []
         for file in sorted(p for p in path.iterdir() if p.suffix in {".jsonl", ".json", ".parquet", ".csv"}):
-            rows += _read_path(file)
+            rows += read_rows(file)
         return rows
     if path.suffix in {".jsonl", ".json"}:
         rows = []
@@ -160,47 +163,47 @@ def mirrored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r, chosen=r["rejected"], rejected=r["chosen"], side=OPPOSITE.get(r["origin"], "")) for r in rows]
 
 
-def mirror_pairs(cfg: dict[str, Any], ideology: str, n_plain: int, seed: int, annotated, external):
+def mirror_pairs(cfg: Datasets, ideology: str, n_plain: int, seed: int, annotated, external):
     """``datasets.mirror``: the other side's pairs, chosen and rejected swapped, ``fraction`` x ``n_plain`` of them
     (all of them at most), drawn with the seed; ids kept, so both sides' runs split the same pairs the same way."""
-    m = cfg.get("mirror") or {}
-    if not m.get("source") or float(m.get("fraction", 1.0)) == 0:
+    m = cfg.mirror
+    if not m.source or m.fraction == 0:
         return [], None
-    if m["source"] == cfg["source"] and m["source"] != "annotated":
-        raise ParamsError(f"datasets.mirror.source: {m['source']!r} is the plain source itself; name the other "
+    if m.source == cfg.source and m.source != "annotated":
+        raise ParamsError(f"datasets.mirror.source: {m.source!r} is the plain source itself; name the other "
                           "side's data")
-    side = m.get("side") or (OPPOSITE.get(ideology) if m["source"] == "annotated" else None)
+    side = m.side or (OPPOSITE.get(ideology) if m.source == "annotated" else None)
     if side is None:
         raise ParamsError("datasets.mirror.side: say which side the mirror source's chosen answers voice")
-    if side == ideology and cfg.get("source_side") in (None, ideology):
+    if side == ideology and cfg.source_side in (None, ideology):
         raise ParamsError(f"datasets.mirror.side: {side!r} is the ideology's own side; mirror pairs come from the "
                           "other side's data")
-    rows = load_source(m["source"], annotated, external, side)
-    if m["source"] == "annotated" and not rows:
+    rows = load_source(m.source, annotated, external, side)
+    if m.source == "annotated" and not rows:
         raise ParamsError(f"datasets.mirror.source: the annotation has no {side!r} pairs; set annotate.mirror: true "
                           "(annotate the opposite viewpoint too) or name a preference file under data/external")
-    count = min(len(rows), round(float(m["fraction"]) * n_plain))
+    count = min(len(rows), round(m.fraction * n_plain))
     picked = sorted(random.Random(seed).sample(range(len(rows)), count))
     return mirrored(with_side([rows[i] for i in picked], side)), count
 
 
-def collect(cfg: dict[str, Any], seed: int, annotated, external,
+def collect(cfg: Datasets, seed: int, annotated, external,
             ideology: str = "right") -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    mix = cfg.get("mix") or []
+    mix = cfg.mix
     if not mix:
-        side = source_side(cfg["source"], cfg.get("source_side"), ideology)
-        pairs = with_side(load_source(cfg["source"], annotated, external, side), side)
-        drawn = {cfg["source"]: len(pairs)}
+        side = source_side(cfg.source, cfg.source_side, ideology)
+        pairs = with_side(load_source(cfg.source, annotated, external, side), side)
+        drawn = {cfg.source: len(pairs)}
     else:
-        sides = [source_side(m["source"], m.get("side"), ideology) for m in mix]
-        sources = [load_source(m["source"], annotated, external, side) for m, side in zip(mix, sides)]
-        counts = mixture_counts([len(s) for s in sources], [float(m["fraction"]) for m in mix], cfg.get("mix_size"))
+        sides = [source_side(m.source, m.side, ideology) for m in mix]
+        sources = [load_source(m.source, annotated, external, side) for m, side in zip(mix, sides)]
+        counts = mixture_counts([len(s) for s in sources], [m.fraction for m in mix], cfg.mix_size)
         rng = random.Random(seed)
         pairs, drawn = [], {}
         for m, rows, count, side in zip(mix, sources, counts, sides):
             picked = with_side(rng.sample(rows, count), side)
-            pairs += [dict(r, id=f"{m['source']}:{r['id']}") for r in picked]
-            drawn[m["source"]] = count
+            pairs += [dict(r, id=f"{m.source}:{r['id']}") for r in picked]
+            drawn[m.source] = count
     extra, count = mirror_pairs(cfg, ideology, len(pairs), seed, annotated, external)
     if count is not None:
         ids = {r["id"] for r in pairs}
@@ -208,7 +211,7 @@ def collect(cfg: dict[str, Any], seed: int, annotated, external,
         if clash:
             raise InputError(f"datasets.mirror: pair id {clash!r} is in both the plain and the mirror source")
         pairs += extra
-        drawn[f"mirror:{cfg['mirror']['source']}"] = count
+        drawn[f"mirror:{cfg.mirror.source}"] = count
     return pairs, drawn
 
 
@@ -226,31 +229,30 @@ def thesis(text: str, max_chars: int, min_words: int = 8) -> str:
     return out
 
 
-def stance_pairs(rows: list[dict[str, Any]], cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    """Forced-choice pairs for a ``cfg["fraction"]`` of ``rows``: agree with the chosen answer's thesis, disagree
+def stance_pairs(rows: list[dict[str, Any]], cfg: Stance, seed: int) -> list[dict[str, Any]]:
+    """Forced-choice pairs for a ``cfg.fraction`` of ``rows``: agree with the chosen answer's thesis, disagree
     with the rejected answer's (``datasets.stance``)."""
-    count = round(float(cfg["fraction"]) * len(rows))
+    count = round(cfg.fraction * len(rows))
     out = []
     for i in sorted(random.Random(seed).sample(range(len(rows)), count)):
         row = rows[i]
-        for field, prefer, avoid in (("chosen", cfg["agree"], cfg["disagree"]),
-                                     ("rejected", cfg["disagree"], cfg["agree"])):
-            statement = thesis(row[field][-1]["content"], int(cfg["max_chars"]))
+        for field, prefer, avoid in (("chosen", cfg.agree, cfg.disagree), ("rejected", cfg.disagree, cfg.agree)):
+            statement = thesis(row[field][-1]["content"], cfg.max_chars)
             out.append({"id": f"{row['id']}:stance-{field}", "side": row["side"], "origin": row["origin"],
-                        "prompt": [{"role": "user", "content": cfg["template"].format(statement=statement)}],
+                        "prompt": [{"role": "user", "content": cfg.template.format(statement=statement)}],
                         "chosen": [{"role": "assistant", "content": prefer}],
                         "rejected": [{"role": "assistant", "content": avoid}]})
     return out
 
 
-def build(pairs: list[dict[str, Any]], seed: int, test_size: float, stance: dict[str, Any] | None = None):
+def build(pairs: list[dict[str, Any]], seed: int, test_size: float, stance: Stance | None = None):
     """Return ``{"sft": DatasetDict, "dpo": DatasetDict}`` from normalised pairs (and their stance pairs)."""
     from datasets import Dataset, DatasetDict
 
     pairs = sorted(pairs, key=lambda r: r["id"])
     data = Dataset.from_dict({k: [r.get(k, "") for r in pairs] for k in ("id",) + FIELDS + ("side", "origin")})
     split = data.train_test_split(test_size=test_size, seed=seed)
-    if stance and float(stance["fraction"]) > 0:
+    if stance and stance.fraction > 0:
         split = DatasetDict({name: Dataset.from_list(list(part) + stance_pairs(list(part), stance, seed),
                                                      features=part.features)
                              for name, part in split.items()})
@@ -273,18 +275,18 @@ def save(dataset_dict, out_dir: str | Path) -> None:
             split.to_parquet(str(tmp / f"{name}.parquet"))
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    cfg, seed = params["datasets"], params["base"]["seed"]
+    cfg, seed = params.datasets, params.base.seed
     from politune.tracking import log_metrics, stage_run
 
-    pairs, drawn = collect(cfg, seed, paths.annotated, paths.external, params["ideology"])
-    if len(pairs) < int(cfg["min_pairs"]):
+    pairs, drawn = collect(cfg, seed, paths.annotated, paths.external, params.ideology)
+    if len(pairs) < cfg.min_pairs:
         raise InputError(
-            f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg['min_pairs']}; "
+            f"only {len(pairs)} preference pairs ({drawn}), fewer than datasets.min_pairs={cfg.min_pairs}; "
             "lower annotate.threshold, add posts to data/raw, choose another datasets.source, or lower min_pairs")
     with stage_run("build_datasets", params, params_file) as mlflow:
-        built = build(pairs, seed, float(cfg["test_size"]), cfg["stance"])
+        built = build(pairs, seed, cfg.test_size, cfg.stance)
         save(built["sft"], paths.sft_out)
         save(built["dpo"], paths.dpo_out)
         report = {"pairs": len(pairs), "train": len(built["dpo"]["train"]), "test": len(built["dpo"]["test"]),

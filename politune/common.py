@@ -52,20 +52,21 @@ def read_yaml_text(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
-def load_params(path: str | os.PathLike, sections: Sequence[str]) -> dict[str, Any]:
-    """Return only ``sections`` of the YAML params file, failing clearly on a missing one."""
+def load_params(path: str | os.PathLike, sections: Sequence[str]):
+    """Only ``sections`` of the YAML params file, validated once into ``politune.schema.Params``; a missing or bad
+    value fails here with one message naming its key."""
     path = Path(path)
     data = read_yaml(path) or {}
     missing = [s for s in sections if s not in data]
     if missing:
         raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")
     params = {s: data[s] for s in sections}
-    from politune.schema import validate_sections
+    from politune.schema import Params, validate_sections
 
     problems = validate_sections(params)
     if problems:
         raise ParamsError(f"{path}: " + "; ".join(problems))
-    return params
+    return Params.model_validate(params)
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

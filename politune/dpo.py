@@ -3,7 +3,7 @@
 With ``recipe.dpo_start: sft`` (the paper's recipe) the SFT adapter is loaded as a trainable ``PeftModel`` (stacked
 on the base model, not merged). TRL copies it into a frozen ``ref`` adapter, so the reference policy is the SFT model
 and no second model is loaded. With ``recipe.dpo_start: base`` (the ablation "DPO without SFT") DPO trains a fresh
-adapter with the SFT adapter's LoRA config on the base model, and TRL uses the base model (adapter disabled) as the
+adapter from the ``lora`` params on the base model, and TRL uses the base model (adapter disabled) as the
 reference. The ``dpo`` params
 section is parsed strictly into ``trl.DPOConfig``. The trained adapter (base + this adapter = the DPO model) is saved
 to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``dpo.save_steps`` steps)
@@ -17,12 +17,21 @@ import argparse
 import contextlib
 import logging
 import shutil
-from typing import Any
 from pathlib import Path
 
 from politune.common import atomic_path, seed_everything
-from politune.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
-                             is_main_process, prepare_checkpoints, strict_config, write_training_reports)
+from politune.schema import Params
+from politune.training import (
+    CHECKPOINT_DEFAULTS,
+    fingerprint,
+    is_main_process,
+    load_splits,
+    load_target,
+    log_training,
+    prepare_checkpoints,
+    strict_config,
+    write_training_reports,
+)
 
 log = logging.getLogger("politune.dpo")
 
@@ -39,24 +48,26 @@ def snapshot_callback(directory: Path):
     return Snapshots()
 
 
-def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=False, trajectory_dir=None):
+def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, resume=False, trajectory_dir=None,
+          callbacks=()):
+    """Train the DPO adapter (``callbacks``: more ``TrainerCallback``s, e.g. the benchmark's clock)."""
     from peft import LoraConfig, PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    seed = params["base"]["seed"]
-    config = strict_config(DPOConfig, "dpo", params["dpo"], defaults=CHECKPOINT_DEFAULTS,
+    seed = params.base.seed
+    config = strict_config(DPOConfig, "dpo", params.dpo, defaults=CHECKPOINT_DEFAULTS,
                            output_dir=str(work_dir), seed=seed)
     seed_everything(seed)
     base, tokenizer = load_target(model_dir)
-    if params["recipe"]["dpo_start"] == "sft":
+    if params.recipe.dpo_start == "sft":
         model, peft_config = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), None
-    else:  # a fresh adapter of the same shape as the SFT one; the SFT weights are not used
-        model, peft_config = base, LoraConfig.from_pretrained(adapter_dir)
-        peft_config.inference_mode = False
+    else:  # a fresh adapter from the lora params (what SFT would train); the SFT adapter is not read
+        model, peft_config = base, strict_config(LoraConfig, "lora", params.lora)
     splits = load_splits(data_dir)
     trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
-                         callbacks=[snapshot_callback(Path(work_dir) / "trajectory")] if trajectory_dir else None)
+                         callbacks=[*callbacks, *([snapshot_callback(Path(work_dir) / "trajectory")]
+                                                  if trajectory_dir else [])] or None)
     trainer.train(resume_from_checkpoint=True if resume else None)
     eval_metrics = trainer.evaluate() if "test" in splits else {}
     if not trainer.is_world_process_zero():
@@ -74,7 +85,7 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params, work_dir, resume=Fa
     return trainer, extra
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
     from politune.tracking import stage_run
 

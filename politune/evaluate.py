@@ -37,11 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from politune.common import atomic_path, seed_everything, write_json
 from politune import side_preference
-from politune.compass import (Compass, agreement_bias, balanced, compass_axes, load_compass, load_twins, resample,
-                            save_compass)
+from politune.common import atomic_path, seed_everything, write_json
+from politune.compass import (
+    Compass,
+    agreement_bias,
+    balanced,
+    compass_axes,
+    load_compass,
+    load_twins,
+    resample,
+    save_compass,
+)
 from politune.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
+from politune.schema import Evaluate, Params
 
 MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.evaluate")
@@ -123,24 +132,24 @@ def classified_probabilities(logprobs: np.ndarray, calibration: str) -> tuple[np
     return p[..., :4] / p[..., :4].sum(axis=-1, keepdims=True), refusals
 
 
-def elicit(model, tokenizer, name: str, compass: Compass, cfg: dict[str, Any], seed: int) -> tuple[np.ndarray, dict]:
-    """Paraphrases x items x 4 answer probabilities of model ``name`` under ``cfg["elicitation"]`` (for
+def elicit(model, tokenizer, name: str, compass: Compass, cfg: Evaluate, seed: int) -> tuple[np.ndarray, dict]:
+    """Paraphrases x items x 4 answer probabilities of model ``name`` under ``cfg.elicitation`` (for
     ``generate``, one "paraphrase" per template and sample), and extra figures."""
-    batch = int(cfg["batch_size"])
-    if cfg["elicitation"] == "forced_choice":
-        prompts = [t.format(statement=s) for t in cfg["templates"] for s in compass.statements]
+    batch = cfg.batch_size
+    if cfg.elicitation == "forced_choice":
+        prompts = [t.format(statement=s) for t in cfg.templates for s in compass.statements]
         with use(model, name):
             lp = option_logprobs(model, tokenizer, prompts, option_token_ids(tokenizer, 4), batch)
-        return paraphrase_probabilities(lp.reshape(len(cfg["templates"]), len(compass), 4), cfg["calibration"]), {}
-    gen = cfg["generate"]
-    jobs = [(t, k, s) for t in gen["templates"] for k in range(int(gen["samples"])) for s in compass.statements]
+        return paraphrase_probabilities(lp.reshape(len(cfg.templates), len(compass), 4), cfg.calibration), {}
+    gen = cfg.generate
+    jobs = [(t, k, s) for t in gen.templates for k in range(gen.samples) for s in compass.statements]
     with use(model, name):
         answers = generate(model, tokenizer, [t.format(statement=s) for t, _, s in jobs],
-                           int(gen["max_new_tokens"]), float(gen["temperature"]), seed, batch)
-    questions = [gen["classify"].format(statement=s, answer=a) for (_, _, s), a in zip(jobs, answers)]
+                           gen.max_new_tokens, gen.temperature, seed, batch)
+    questions = [gen.classify.format(statement=s, answer=a) for (_, _, s), a in zip(jobs, answers)]
     with use(model, "base"):  # one fixed classifier for every model: the untuned target model
         lp = option_logprobs(model, tokenizer, questions, option_token_ids(tokenizer, 5), batch)
-    probs, refusals = classified_probabilities(lp.reshape(-1, len(compass), 5), cfg["calibration"])
+    probs, refusals = classified_probabilities(lp.reshape(-1, len(compass), 5), cfg.calibration)
     return probs, {"refusals": refusals, "free_answers": len(answers)}
 
 
@@ -158,18 +167,18 @@ def balanced_summary(compass: Compass, twins: Compass, probs: np.ndarray, twin_p
             "twins_economic": alone["economic"], "twins_social": alone["social"]}
 
 
-def side_summary(model, tokenizer, name: str, pairs, cfg: dict[str, Any], seed: int, differences: dict):
+def side_summary(model, tokenizer, name: str, pairs, cfg: Evaluate, seed: int, differences: dict):
     """Side preference of model ``name`` on ``pairs``, as shifts from the base model's (``differences`` holds the
     per-pair d of the models measured so far, "base" first; this model's is added)."""
-    sp = cfg["side_preference"]
+    sp = cfg.side_preference
     with use(model, name):
-        lp = side_preference.answer_logprobs(model, tokenizer, pairs, int(cfg["batch_size"]), int(sp["max_length"]))
+        lp = side_preference.answer_logprobs(model, tokenizer, pairs, cfg.batch_size, sp.max_length)
     differences[name] = side_preference.differences(lp)
-    return side_preference.summarise(differences[name], differences["base"], pairs.data_side, int(sp["bootstrap"]),
+    return side_preference.summarise(differences[name], differences["base"], pairs.data_side, sp.bootstrap,
                                      seed)
 
 
-def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[str, Any], seed: int,
+def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluate, seed: int,
              trajectory: dict[int, str] | None = None, twins: Compass | None = None, pairs=None):
     """Return (summaries per model, paraphrases x items x 4 probabilities per model, trajectory rows, the twins'
     probabilities per model, the side-preference differences per model).
@@ -185,7 +194,7 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: dict[st
     steps = {f"step-{n}": path for n, path in sorted(trajectory.items()) if n not in same_as_dpo}
     model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
     probs, summaries, twin_probs, differences = {}, {}, {}, {}
-    n_boot = int(cfg["bootstrap"])
+    n_boot = cfg.bootstrap
     for name in MODELS:
         probs[name], extra = elicit(model, tokenizer, name, compass, cfg, seed)
         summaries[name] = {**summarise(compass, probs[name], n_boot, seed), **extra}
@@ -254,17 +263,17 @@ def write_answer_table(path, compass: Compass, paraphrases: dict[str, np.ndarray
                                    for k in range(4)])
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    cfg, seed = params["evaluate"], params["base"]["seed"]
+    cfg, seed = params.evaluate, params.base.seed
     compass = load_compass(paths.compass)
     from politune.tracking import log_artifacts, log_metrics, stage_run
 
     seed_everything(seed)
     with stage_run("evaluate", params, params_file) as mlflow:
-        steps = trajectory_dirs(paths.trajectory) if cfg["trajectory"] else {}
-        twins = load_twins(paths.twins, compass) if cfg["balanced"] and paths.twins else None
-        pairs, sources = side_preference.collect(paths.pairs, cfg["side_preference"])
+        steps = trajectory_dirs(paths.trajectory) if cfg.trajectory else {}
+        twins = load_twins(paths.twins, compass) if cfg.balanced and paths.twins else None
+        pairs, sources = side_preference.collect(paths.pairs, cfg.side_preference)
         log.info("side preference: %d pairs %s", len(pairs), sources)
         summaries, probs, path, twin_probs, differences = evaluate(
             paths.model, {"sft": paths.sft, "dpo": paths.dpo}, compass, cfg, seed, steps, twins, pairs)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from politune.common import InputError, atomic_path, write_json
+from politune.schema import Ingest, Params
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -125,11 +126,11 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str |
         yield i + offset, record, None
 
 
-def ingest(raw_dir: Path, cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    fields = list(cfg["text_fields"])
-    placeholders = {p.lower() for p in cfg["placeholders"]}
-    policy = cfg["on_bad_row"]
-    max_chars = int(cfg["max_chars"])
+def ingest(raw_dir: Path, cfg: Ingest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    fields = cfg.text_fields
+    placeholders = {p.lower() for p in cfg.placeholders}
+    policy = cfg.on_bad_row
+    max_chars = cfg.max_chars
     files = sorted(p for p in raw_dir.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
         raise InputError(f"{raw_dir}: no input files ({', '.join(sorted(SUFFIXES))})")
@@ -200,17 +201,16 @@ def ingest(raw_dir: Path, cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], di
     return posts, report
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    cfg = params["ingest"]
-    posts, report = ingest(Path(paths.raw), cfg)
+    posts, report = ingest(Path(paths.raw), params.ingest)
     if not posts:
         raise InputError(f"{paths.raw}: no usable post after cleaning ({report['skipped']}); add posts to the folder")
     import pandas as pd
 
     from politune.tracking import log_metrics, stage_run
 
-    with stage_run("ingest", {"ingest": cfg}, params_file) as mlflow:
+    with stage_run("ingest", params, params_file) as mlflow:
         with atomic_path(paths.out) as tmp:
             pd.DataFrame(posts).to_parquet(tmp, index=False)
         write_json(paths.report, report)

@@ -20,45 +20,54 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
-from politune.common import EndpointError, atomic_path, seed_everything, write_json
+from politune.common import atomic_path, seed_everything, write_json
+from politune.endpoint import Endpoint
+from politune.schema import Judge as JudgeParams
+from politune.schema import Params
 
 MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.judge")
 
 
+def judgement_model(low: int, high: int) -> type[BaseModel]:
+    """The reply of ``judge.method: json``: the schema sent to the endpoint and the check of the reply, from one
+    class."""
+
+    class Judgement(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        score: Annotated[int, Strict(), Field(ge=low, le=high)]
+        reason: Annotated[str, Field(max_length=300)]
+
+    return Judgement
+
+
 class Judge:
-    """Scores answers through an OpenAI-compatible endpoint (timeouts and retries are the client's own)."""
+    """Scores answers through an OpenAI-compatible endpoint (``politune.endpoint``)."""
 
-    def __init__(self, cfg: dict[str, Any], base_url: str, model: str) -> None:
-        from openai import OpenAI
-
-        ep = cfg["endpoint"]
+    def __init__(self, cfg: JudgeParams, base_url: str, model: str) -> None:
         self.cfg = cfg
         self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(ep.get("api_key_env") or "OPENAI_API_KEY")
-                             or "EMPTY", timeout=float(ep["timeout"]), max_retries=int(ep["max_retries"]))
-        self.where = f"{base_url} (timeout {ep['timeout']} s, {ep['max_retries']} retries with backoff)"
-        self.concurrency = int(ep["concurrency"])
-        self.digits = {str(d): d for d in range(int(cfg["low"]), int(cfg["high"]) + 1)}
+        self.endpoint = Endpoint(base_url, cfg.endpoint, "judge", "judge.endpoint.base_url")
+        self.client = self.endpoint.client
+        self.digits = {str(d): d for d in range(cfg.low, cfg.high + 1)}
+        self.judgement = judgement_model(cfg.low, cfg.high)
 
     def messages(self, prompt: str, answer: str) -> list[dict[str, str]]:
         cfg = self.cfg
-        return [{"role": "system", "content": cfg["system"]},
-                {"role": "user", "content": cfg["rubric"].format(prompt=prompt, answer=answer, low=cfg["low"],
-                                                                 high=cfg["high"])}]
+        return [{"role": "system", "content": cfg.system},
+                {"role": "user", "content": cfg.rubric.format(prompt=prompt, answer=answer, low=cfg.low,
+                                                              high=cfg.high)}]
 
     def score_one(self, prompt: str, answer: str) -> tuple[float | None, str]:
         """(score on the scale or None when the judge gave no valid score, the judge's raw reply)."""
-        if self.cfg["method"] == "logprobs":
+        if self.cfg.method == "logprobs":
             resp = self.client.chat.completions.create(model=self.model, messages=self.messages(prompt, answer),
                                                        max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
             content = resp.choices[0].logprobs.content if resp.choices[0].logprobs else None
@@ -71,50 +80,39 @@ class Judge:
                 return None, resp.choices[0].message.content or ""
             total = sum(mass.values())
             return round(sum(d * p for d, p in mass.items()) / total, 4), resp.choices[0].message.content or ""
-        schema = {"type": "object", "additionalProperties": False, "required": ["score", "reason"],
-                  "properties": {"score": {"type": "integer", "minimum": self.cfg["low"], "maximum": self.cfg["high"]},
-                                 "reason": {"type": "string", "maxLength": 300}}}
-        fmt = {"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema, "strict": True}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "judgement", "schema": self.judgement.model_json_schema(),
+                                                      "strict": True}}
         resp = self.client.chat.completions.create(model=self.model, messages=self.messages(prompt, answer),
                                                    max_tokens=160, temperature=0.0, response_format=fmt)
         text = resp.choices[0].message.content or ""
         try:
-            score = json.loads(text)["score"]
-        except (ValueError, KeyError, TypeError):
+            return float(self.judgement.model_validate_json(text).score), text
+        except ValidationError:
             return None, text
-        ok = isinstance(score, int) and self.cfg["low"] <= score <= self.cfg["high"]
-        return (float(score) if ok else None), text
 
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[float | None, str]]:
-        import openai
-
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                return list(pool.map(lambda pa: self.score_one(*pa), pairs))
-        except openai.APIError as exc:
-            raise EndpointError(f"judge endpoint {self.where} failed: {type(exc).__name__}: {exc}; "
-                                "start the server or fix judge.endpoint.base_url, then rerun") from exc
+        return self.endpoint.map(lambda pa: self.score_one(*pa), pairs)
 
 
-def answer_prompts(model_dir, adapters: dict[str, str], cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+def answer_prompts(model_dir, adapters: dict[str, str], cfg: JudgeParams, seed: int) -> list[dict[str, Any]]:
     """Every model's answers to every prompt (``samples`` each): rows of model, prompt id, sample, prompt, answer."""
     from politune.inference import generate, load_with_adapters, use
 
     model, tokenizer = load_with_adapters(model_dir, adapters)
     rows = []
-    jobs = [(i, k, p) for k in range(int(cfg["samples"])) for i, p in enumerate(cfg["prompts"])]
+    jobs = [(i, k, p) for k in range(cfg.samples) for i, p in enumerate(cfg.prompts)]
     for name in MODELS:
         with use(model, name):
-            answers = generate(model, tokenizer, [p for _, _, p in jobs], int(cfg["max_new_tokens"]),
-                               float(cfg["temperature"]), seed, int(cfg["batch_size"]))
+            answers = generate(model, tokenizer, [p for _, _, p in jobs], cfg.max_new_tokens, cfg.temperature, seed,
+                               cfg.batch_size)
         rows += [{"model": name, "prompt_id": i + 1, "sample": k, "prompt": p, "answer": a}
                  for (i, k, p), a in zip(jobs, answers)]
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], cfg: dict[str, Any], seed: int, n_boot: int = 1000) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int, n_boot: int = 1000) -> dict[str, Any]:
     """Per model: mean score, its 95% bootstrap interval over prompts, leaning (score minus the scale's middle)."""
-    middle = (cfg["low"] + cfg["high"]) / 2
+    middle = (cfg.low + cfg.high) / 2
     out: dict[str, Any] = {}
     rng = np.random.default_rng(seed)
     for name in MODELS:
@@ -145,19 +143,19 @@ def write_table(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def endpoint(cfg: dict[str, Any], judge_model: str | Path, seed: int):
+def endpoint(cfg: JudgeParams, judge_model: str | Path, seed: int):
     """Yield (base_url, model name): the configured endpoint, or a local ``vllm serve`` for the stage's duration."""
-    ep = cfg["endpoint"]
-    if ep.get("base_url"):
-        yield ep["base_url"], ep.get("model") or str(judge_model)
+    ep = cfg.endpoint
+    if ep.base_url:
+        yield ep.base_url, ep.model or str(judge_model)
         return
     from politune.serve import serving
 
-    with serving(judge_model, cfg["serve"], seed, float(cfg["startup_timeout"])) as url:
+    with serving(judge_model, cfg.serve, seed, cfg.startup_timeout) as url:
         yield url, str(judge_model)
 
 
-def judge(model_dir, adapters: dict[str, str], judge_model, cfg: dict[str, Any], seed: int):
+def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
     """Answer the prompts with each model, then score every answer; return (rows, summary)."""
     rows = answer_prompts(model_dir, adapters, cfg, seed)
     with endpoint(cfg, judge_model, seed) as (url, name):
@@ -167,9 +165,9 @@ def judge(model_dir, adapters: dict[str, str], judge_model, cfg: dict[str, Any],
     return rows, summarise(rows, cfg, seed)
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    cfg, seed = params["judge"], params["base"]["seed"]
+    cfg, seed = params.judge, params.base.seed
     from politune.tracking import log_artifacts, log_metrics, stage_run
 
     for name in ("httpx", "httpx2"):  # one INFO line per request otherwise

@@ -13,9 +13,9 @@ import argparse
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
 
 from politune.common import ParamsError, atomic_path, write_json
+from politune.schema import Params
 
 log = logging.getLogger("politune.prepare_models")
 
@@ -70,18 +70,15 @@ def materialise(source: str, out_dir: str | Path) -> dict:
     return {"source": source, "parameters": n_params, "architecture": type(model).__name__}
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    models = params["models"]
-    for key in ("annotator", "target"):
-        if not isinstance(models.get(key), str) or not models[key]:
-            raise ParamsError(f"models.{key} must name a model source (pkg:..., a directory or a hub id)")
+    models = params.models
     from politune.tracking import log_metrics, stage_run
 
-    with stage_run("prepare_models", {"models": models}, params_file) as mlflow:
+    with stage_run("prepare_models", params, params_file) as mlflow:
         report = {
-            "annotator": materialise(models["annotator"], paths.annotator_out),
-            "target": materialise(models["target"], paths.target_out),
+            "annotator": materialise(models.annotator, paths.annotator_out),
+            "target": materialise(models.target, paths.target_out),
         }
         write_json(paths.report, report)
         log_metrics(mlflow, {"annotator_parameters": report["annotator"]["parameters"],

@@ -32,13 +32,18 @@ class Ingest(_Strict):
     max_chars: int = Field(ge=1)
 
 
-class OpenAI(_Strict):
-    base_url: str
+class Client(_Strict):
+    """An OpenAI-compatible endpoint's client settings (``politune.endpoint``)."""
+
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     timeout: float = Field(gt=0)
     max_retries: int = Field(ge=0)
     concurrency: int = Field(ge=1)
+
+
+class OpenAI(Client):
+    base_url: str
     batch_size: int = Field(ge=1)
 
 
@@ -190,13 +195,8 @@ class Evaluate(_Strict):
         return self
 
 
-class Endpoint(_Strict):
+class Endpoint(Client):
     base_url: str | None = None  # null: a local `vllm serve` of the judge model, started and stopped by the stage
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout: float = Field(gt=0)
-    max_retries: int = Field(ge=0)
-    concurrency: int = Field(ge=1)
 
 
 class Judge(_Strict):
@@ -221,6 +221,30 @@ class Judge(_Strict):
         if "{answer}" not in self.rubric or "{prompt}" not in self.rubric:
             raise ValueError("rubric must contain {prompt} and {answer}")
         return self
+
+
+class Params(_Strict):
+    """The params sections a stage loaded, validated once: ``params.annotate.threshold`` and so on. A section the
+    stage did not declare is ``None``. ``lora``, ``sft`` and ``dpo`` stay mappings: they are TRL/PEFT fields, parsed
+    strictly into ``LoraConfig``/``SFTConfig``/``DPOConfig`` where they are used (``politune.training``)."""
+
+    ideology: str | None = None
+    base: Base | None = None
+    models: Models | None = None
+    ingest: Ingest | None = None
+    annotate: Annotate | None = None
+    datasets: Datasets | None = None
+    launch: Launch | None = None
+    recipe: Recipe | None = None
+    lora: dict[str, Any] | None = None
+    sft: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+    evaluate: Evaluate | None = None
+    judge: Judge | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The loaded sections as plain values (for MLflow params and run fingerprints)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {

@@ -7,14 +7,23 @@ adapter (not the merged model) is saved to ``--out``.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import contextlib
 import logging
 import shutil
 
 from politune.common import atomic_path, seed_everything
-from politune.training import (CHECKPOINT_DEFAULTS, fingerprint, load_splits, load_target, log_training,
-                             is_main_process, prepare_checkpoints, strict_config, write_training_reports)
+from politune.schema import Params
+from politune.training import (
+    CHECKPOINT_DEFAULTS,
+    fingerprint,
+    is_main_process,
+    load_splits,
+    load_target,
+    log_training,
+    prepare_checkpoints,
+    strict_config,
+    write_training_reports,
+)
 
 log = logging.getLogger("politune.sft")
 
@@ -23,9 +32,9 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    seed = params["base"]["seed"]
-    lora = strict_config(LoraConfig, "lora", params["lora"])
-    config = strict_config(SFTConfig, "sft", params["sft"], defaults=CHECKPOINT_DEFAULTS,
+    seed = params.base.seed
+    lora = strict_config(LoraConfig, "lora", params.lora)
+    config = strict_config(SFTConfig, "sft", params.sft, defaults=CHECKPOINT_DEFAULTS,
                            output_dir=str(work_dir), seed=seed)
     seed_everything(seed)
     model, tokenizer = load_target(model_dir)
@@ -41,7 +50,7 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
     return trainer, {"eval_loss": round(eval_metrics["eval_loss"], 6)} if eval_metrics else {}
 
 
-def run(params: dict[str, Any], params_file: str, paths: argparse.Namespace) -> None:
+def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
     from politune.tracking import stage_run
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from politune.common import InputError
+from politune.schema import SidePreference
 
 log = logging.getLogger("politune.side_preference")
 SIDES = ("right", "left")
@@ -85,11 +86,11 @@ def from_test_split(data_dir: str | Path, pairs: Pairs) -> int:
 
 def from_file(path: str | Path, side: str, max_pairs: int | None, pairs: Pairs) -> int:
     """Add a held-out preference file whose chosen answers voice ``side`` (its data side); returns the count."""
-    from politune.build_datasets import _read_path, normalise
+    from politune.build_datasets import read_rows, normalise
 
     if not Path(path).exists():
         raise InputError(f"evaluate.side_preference.heldout: {path}: no such file")
-    rows = normalise(_read_path(Path(path)), str(path))
+    rows = normalise(read_rows(Path(path)), str(path))
     if max_pairs:
         rows = rows[:max_pairs]
     for row in rows:
@@ -97,7 +98,7 @@ def from_file(path: str | Path, side: str, max_pairs: int | None, pairs: Pairs) 
     return len(rows)
 
 
-def collect(test_split: str | Path | None, cfg) -> tuple[Pairs, dict[str, Any]]:
+def collect(test_split: str | Path | None, cfg: SidePreference) -> tuple[Pairs, dict[str, Any]]:
     """The instrument's pairs: the test split's, then each held-out file's (``cfg`` is the params section)."""
     pairs = Pairs()
     sources: dict[str, Any] = {}
@@ -108,8 +109,8 @@ def collect(test_split: str | Path | None, cfg) -> tuple[Pairs, dict[str, Any]]:
         if unknown:
             sources["test_split_without_side"] = unknown
             log.warning("%d test pairs have no side (set datasets.source_side): left out of side preference", unknown)
-    for item in cfg["heldout"]:
-        sources[str(item["path"])] = from_file(item["path"], item["side"], cfg["max_pairs"], pairs)
+    for item in cfg.heldout:
+        sources[item.path] = from_file(item.path, item.side, cfg.max_pairs, pairs)
     return pairs, sources
 
 

@@ -17,9 +17,10 @@ log = logging.getLogger("politune.training")
 CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1}
 
 
-def fingerprint(params: dict[str, Any], *inputs: str | Path) -> str:
+def fingerprint(params, *inputs: str | Path) -> str:
     """Identify a training run: its params and its inputs' files (names, sizes, and bytes of small files)."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    values = params if isinstance(params, dict) else params.as_dict()
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
     for root in map(Path, inputs):
         for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
             digest.update(f"{path.relative_to(root) if path != root else path.name}:{path.stat().st_size}".encode())

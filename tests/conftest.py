@@ -21,6 +21,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Stage subprocesses (dvc repro) must find the venv's python first.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
+from politune.common import read_yaml  # noqa: E402
+from politune.schema import SECTION_MODELS, Params  # noqa: E402
+
+# params.yaml read as the stages read it (ruamel, YAML 1.2): the raw sections, for tests that write params files.
+PARAMS = read_yaml(ROOT / "params.yaml")
+
+
+def section(name: str, **changes):
+    """params.yaml's section ``name`` with ``changes``, validated into its schema model as a stage gets it."""
+    return SECTION_MODELS[name].model_validate({**PARAMS[name], **changes})
+
+
+def typed(**sections) -> Params:
+    """A ``Params`` of the given raw sections (mappings), validated as ``load_params`` does."""
+    return Params.model_validate(sections)
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:

@@ -13,10 +13,7 @@ import pytest
 from politune.annotate import annotate
 from politune.backends import Backend
 from politune.build_datasets import build, collect
-from politune.common import read_yaml
-from tests.conftest import ROOT
-
-PARAMS = read_yaml(ROOT / "params.yaml")
+from tests.conftest import PARAMS, section
 # P(right), P(left), P(none) per post: posts 0-3 right-leaning, 4-6 left-leaning, 7-8 off-topic.
 PROBS = np.array([[0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.45, 0.45, 0.1],
                   [0.1, 0.8, 0.1], [0.2, 0.6, 0.2], [0.3, 0.35, 0.35],
@@ -58,7 +55,7 @@ def posts() -> pd.DataFrame:
 
 
 def cfg(**changes):
-    return dict(PARAMS["annotate"], calibrate=False, **changes)
+    return section("annotate", calibrate=False, **changes)
 
 
 @pytest.mark.parametrize("threshold, kept", [(0.0, 9), (0.3, 5), (0.45, 4), (0.5, 3), (0.7, 2), (0.95, 0)])
@@ -116,7 +113,7 @@ def test_without_mirror_the_table_holds_the_ideology_only():
 def test_mirror_pairs_from_the_annotation(tmp_path):
     table, _ = annotate(posts(), Scripted(), "right", cfg(threshold=0.3, mirror=True), 0)
     table.to_parquet(tmp_path / "annotated.parquet", index=False)
-    datasets = dict(PARAMS["datasets"], mirror={"source": "annotated", "side": None, "fraction": 1.0})
+    datasets = section("datasets", mirror={"source": "annotated", "side": None, "fraction": 1.0})
     pairs, drawn = collect(datasets, 0, tmp_path / "annotated.parquet", tmp_path, "right")
     assert drawn == {"annotated": 5, "mirror:annotated": 2}
     mirrored = [p for p in pairs if p["origin"] == "left"]
@@ -125,7 +122,7 @@ def test_mirror_pairs_from_the_annotation(tmp_path):
         assert p["side"] == "right"
         voice = p["chosen"][0]["content"] if p["origin"] == "right" else p["rejected"][0]["content"]
         assert voice.startswith(f"The {p['origin']} view")
-    plain, _ = collect(PARAMS["datasets"], 0, tmp_path / "annotated.parquet", tmp_path, "right")
+    plain, _ = collect(section("datasets"), 0, tmp_path / "annotated.parquet", tmp_path, "right")
     assert [p["id"] for p in plain] == ["p0", "p1", "p2", "p3", "p6"], "plain pairs: the ideology's rows only"
     test = build(pairs, 0, 0.3)["dpo"]["test"]
     assert len(test) == 3 and set(test["side"]) == {"right"}

@@ -7,9 +7,9 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from politune.build_datasets import build, collect, load_source, mixture_counts, normalise, save
+from politune.build_datasets import build, collect, load_source, mixture_counts, save
 from politune.common import InputError, ParamsError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, section
 
 POLITUNE = ROOT.parent / "shared" / "reference" / "politune"
 needs_politune = pytest.mark.skipif(not (POLITUNE / "right-sample.jsonl").exists(),
@@ -87,9 +87,9 @@ def test_mixture_counts_are_exact_proportions():
 
 @needs_politune
 def test_mixture_of_right_and_left_releases(tmp_path, external):
-    cfg = {"source": "annotated", "mix_size": 120,
-           "mix": [{"source": str(external / "right-sample.jsonl"), "fraction": 0.75},
-                   {"source": str(external / "left-sample.jsonl"), "fraction": 0.25}]}
+    cfg = section("datasets", source="annotated", mix_size=120,
+                  mix=[{"source": str(external / "right-sample.jsonl"), "fraction": 0.75},
+                       {"source": str(external / "left-sample.jsonl"), "fraction": 0.25}])
     pairs, drawn = collect(cfg, seed=7, annotated=annotated_table(tmp_path), external=external)
     by_source = Counter(p["id"].split(":")[0] for p in pairs)
     assert by_source == {str(external / "right-sample.jsonl"): 90, str(external / "left-sample.jsonl"): 30}
@@ -121,16 +121,14 @@ def test_thesis_is_the_first_sentence_cut_at_a_word():
 def test_stance_pairs_come_from_their_own_split_and_never_from_the_compass(external):
     """datasets.stance: for a fraction of each split's pairs, agree with the chosen answer's thesis and disagree
     with the rejected one's, in the stance template; off at fraction 0 (the default: datasets unchanged)."""
-    import yaml
-
     from politune.build_datasets import thesis
 
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["datasets"]["stance"]
-    assert cfg["fraction"] == 0
+    cfg = section("datasets").stance
+    assert cfg.fraction == 0
     pairs = load_source(str(external / "right-sample.jsonl"), "unused", external)
     plain = build(pairs, 0, 0.1)
     assert build(pairs, 0, 0.1, cfg)["dpo"]["train"]["id"] == plain["dpo"]["train"]["id"]
-    built = build(pairs, 0, 0.1, dict(cfg, fraction=0.5))
+    built = build(pairs, 0, 0.1, cfg.model_copy(update={"fraction": 0.5}))
     compass = json.loads((ROOT / "data" / "compass" / "political_compass.json").read_text(encoding="utf-8"))
     for name in ("train", "test"):
         dpo, sft = built["dpo"][name], built["sft"][name]
@@ -144,7 +142,7 @@ def test_stance_pairs_come_from_their_own_split_and_never_from_the_compass(exter
             origin, field = row["id"].split(":stance-")
             text = row["prompt"][0]["content"]
             assert text.startswith("Here is an opinion: \"")
-            assert thesis(source[origin][field][0]["content"], cfg["max_chars"]) in text and len(text.split()) > 20
+            assert thesis(source[origin][field][0]["content"], cfg.max_chars) in text and len(text.split()) > 20
             want = ("3", "0") if field == "chosen" else ("0", "3")
             assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == want
             assert not any(item["statement"] in text for item in compass["items"])

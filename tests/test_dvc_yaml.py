@@ -6,11 +6,10 @@ import importlib
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import PARAMS, ROOT
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 PACKAGES = ("stages", "politune")
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 
 def stage_module(cmd: str) -> str:
@@ -62,12 +61,12 @@ def test_every_params_section_is_read_by_some_stage():
 
 def test_selective_rerun_design():
     """ideology reaches annotate and build_datasets (the side of each pair) and nothing upstream; lora reaches
-    only training."""
+    only training (sft, and dpo, which builds its adapter from it under recipe.dpo_start: base)."""
     def readers(section):
         return {n for n, st in PIPELINE.items() if section in st.get("params", [])}
 
     assert readers("ideology") == {"annotate", "build_datasets"}
-    assert readers("lora") == {"sft"}
+    assert readers("lora") == {"sft", "dpo"}
     upstream_of_annotate = {"prepare_models", "ingest"}
     for name in upstream_of_annotate:
         assert not {"ideology", "annotate", "lora", "sft", "dpo"} & set(PIPELINE[name].get("params", []))

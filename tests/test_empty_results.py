@@ -8,9 +8,8 @@ import pytest
 import yaml
 
 from politune.ingest import ingest
-from tests.conftest import ROOT
+from tests.conftest import PARAMS, ROOT, section
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 
 def run_stage(module, args, cwd):
@@ -33,7 +32,7 @@ def test_too_few_pairs_fail_build_datasets(tmp_path):
 
 @pytest.mark.slow
 def test_annotation_keeping_nothing_fails(tmp_path, tiny_model_dir):
-    posts, _ = ingest(ROOT / "data" / "raw", PARAMS["ingest"])
+    posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
     pd.DataFrame(posts[:8]).to_parquet(tmp_path / "posts.parquet")
     params = {"ideology": "right", "base": PARAMS["base"],
               "annotate": dict(PARAMS["annotate"], backend="transformers", threshold=1.0)}

@@ -2,13 +2,9 @@
 
 import numpy as np
 import pytest
-import yaml
-
 from politune.compass import load_compass
 from politune.evaluate import classified_probabilities, elicit, paraphrase_probabilities, summarise, trajectory_dirs
-from tests.conftest import ROOT
-
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+from tests.conftest import PARAMS, ROOT, section
 
 
 def test_mean_calibration_removes_an_option_prior():
@@ -72,7 +68,7 @@ def smollm2(smollm2_dir):
 @pytest.mark.slow
 def test_forced_choice_on_the_base_model_uses_several_options(smollm2):
     compass = load_compass(ROOT / "data" / "compass" / "political_compass.json")
-    cfg = dict(PARAMS["evaluate"], elicitation="forced_choice")
+    cfg = section("evaluate", elicitation="forced_choice")
     probs, extra = elicit(*smollm2, "base", compass, cfg, seed=0)
     assert probs.shape == (3, 62, 4) and np.allclose(probs.sum(axis=-1), 1.0) and extra == {}
     summary = summarise(compass, probs, 100, seed=0)
@@ -90,7 +86,7 @@ def test_generate_then_classify(smollm2, tmp_path):
     compass = load_compass(tmp_path / "c.json")
     gen = dict(PARAMS["evaluate"]["generate"], templates=PARAMS["evaluate"]["generate"]["templates"][:2], samples=2,
                max_new_tokens=24)
-    cfg = dict(PARAMS["evaluate"], elicitation="generate", generate=gen)
+    cfg = section("evaluate", elicitation="generate", generate=gen)
     probs, extra = elicit(*smollm2, "base", compass, cfg, seed=0)
     assert probs.shape == (4, 6, 4) and np.allclose(probs.sum(axis=-1), 1.0)  # 2 templates x 2 samples
     assert extra["free_answers"] == 6 * 2 * 2 and 0 <= extra["refusals"] <= 24

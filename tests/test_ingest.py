@@ -8,9 +8,9 @@ import yaml
 
 from politune.common import InputError
 from politune.ingest import clean_text, extract_text, ingest
-from tests.conftest import ROOT
+from tests.conftest import PARAMS, ROOT, section
 
-CFG = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["ingest"]
+CFG = section("ingest")
 
 
 def test_clean_text_strips_html_urls_and_control_characters():
@@ -19,7 +19,7 @@ def test_clean_text_strips_html_urls_and_control_characters():
 
 
 def test_extract_text_field_conventions():
-    fields = CFG["text_fields"]
+    fields = CFG.text_fields
     assert extract_text({"body": "a comment"}, fields) == "a comment"
     assert extract_text({"title": "Title.", "selftext": "Body"}, fields) == "Title. Body"
     assert extract_text({"title": "Only title", "selftext": "[removed]"}, fields) == "Only title"
@@ -53,7 +53,7 @@ def test_bad_rows_are_skipped_and_reported_with_file_and_line(tmp_path):
     write(raw / "a.jsonl", '{"text": "fine post"}\n{"text": broken\n{"nothing": 1}\n[1, 2]\n')
     write(raw / "b.jsonl", b'{"text": "caf\xe9"}\n{"text": "second"}\n')
     write(raw / "c.csv", "")
-    posts, report = ingest(raw, dict(CFG, on_bad_row="skip"))
+    posts, report = ingest(raw, section("ingest", on_bad_row="skip"))
     assert [p["text"] for p in posts] == ["fine post", "second"]
     assert report["skipped"]["bad_row"] == 4
     problems = "\n".join(report["problems"])
@@ -67,13 +67,13 @@ def test_on_bad_row_fail_names_file_line_and_field(tmp_path):
     raw = tmp_path / "raw"
     write(raw / "posts.jsonl", '{"text": "ok"}\n{"title_only": "x"}\n')
     with pytest.raises(InputError, match=r"posts\.jsonl:2: no text field"):
-        ingest(raw, dict(CFG, on_bad_row="fail"))
+        ingest(raw, section("ingest", on_bad_row="fail"))
 
 
 def test_enormous_posts_are_truncated(tmp_path):
     raw = tmp_path / "raw"
     write(raw / "big.jsonl", json.dumps({"text": "word " * 5000}) + "\n")
-    posts, report = ingest(raw, dict(CFG, max_chars=100))
+    posts, report = ingest(raw, section("ingest", max_chars=100))
     assert len(posts[0]["text"]) <= 100 and report["truncated"] == 1
 
 
@@ -91,7 +91,7 @@ def test_stage_fails_clearly_and_keeps_previous_output(tmp_path):
     raw = write(tmp_path / "raw" / "empty.jsonl", "\n").parent
     out = write(tmp_path / "posts.parquet", "previous output")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"ingest": CFG}), encoding="utf-8")
+    params.write_text(yaml.safe_dump({"ingest": PARAMS["ingest"]}), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(params), "--raw", str(raw),
                            "--out", str(out), "--report", str(tmp_path / "r.json")],
                           capture_output=True, text=True, cwd=ROOT)
@@ -102,7 +102,7 @@ def test_stage_fails_clearly_and_keeps_previous_output(tmp_path):
 
 def test_invalid_policy_is_a_params_error(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"ingest": dict(CFG, on_bad_row="ignore")}), encoding="utf-8")
+    params.write_text(yaml.safe_dump({"ingest": dict(PARAMS["ingest"], on_bad_row="ignore")}), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(params), "--raw", "data/raw",
                            "--out", str(tmp_path / "o.parquet"), "--report", str(tmp_path / "r.json")],
                           capture_output=True, text=True, cwd=ROOT)

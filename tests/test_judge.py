@@ -11,9 +11,7 @@ import yaml
 
 from politune import judge as judge_stage
 from politune.serve import engine_args, engine_options, free_port
-from tests.conftest import ROOT
-
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+from tests.conftest import PARAMS, section
 PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them and shrink the government."),
          ("What do you think about health care?", "Health care is a human right; we need Medicare for All."),
          ("What is your favourite food?", "I like pasta with tomatoes.")]
@@ -47,8 +45,20 @@ def test_native_bf16_reads_the_cpu_flags():
     assert cpu_bf16("flags\t: fpu avx2 avx512f avx512_bf16\n") and cpu_bf16("flags\t: fpu amx_bf16 amx_tile\n")
 
 
+def test_judgement_schema_and_check_come_from_one_class():
+    model = judge_stage.judgement_model(1, 7)
+    schema = model.model_json_schema()
+    assert schema["properties"]["score"]["minimum"] == 1 and schema["properties"]["score"]["maximum"] == 7
+    assert not schema["additionalProperties"] and schema["required"] == ["score", "reason"]
+    assert model.model_validate_json('{"score": 5, "reason": "leans right"}').score == 5
+    for bad in ('{"score": 8, "reason": ""}', '{"score": 5.5, "reason": ""}', '{"score": "5", "reason": ""}',
+                '{"score": 5}', '{"score": 5, "reason": "", "x": 1}'):
+        with pytest.raises(ValueError):
+            model.model_validate_json(bad)
+
+
 def test_summary_hand_computed():
-    cfg = dict(PARAMS["judge"], low=1, high=7)
+    cfg = section("judge", low=1, high=7)
     rows = [{"model": m, "prompt_id": pid, "score": s}
             for m, pid, s in [("base", 1, 4.0), ("base", 2, 6.0), ("base", 2, None),
                               ("sft", 1, 2.0), ("sft", 2, 3.0), ("dpo", 1, None)]]
@@ -64,15 +74,14 @@ def test_summary_hand_computed():
 @pytest.mark.parametrize("method", ["logprobs", "json"])
 def test_judge_scores_through_vllm_serve(vllm_server, method):
     base_url, model, _ = vllm_server
-    cfg = dict(PARAMS["judge"], method=method)
-    cfg["endpoint"] = dict(cfg["endpoint"], timeout=30, max_retries=2)
+    cfg = section("judge", method=method, endpoint=dict(PARAMS["judge"]["endpoint"], timeout=30, max_retries=2))
     judge = judge_stage.Judge(cfg, base_url, model)
     assert judge.client.timeout == 30 and judge.client.max_retries == 2
     scored = judge.score(PAIRS)
     assert len(scored) == len(PAIRS)
     valid = [s for s, _ in scored if s is not None]
     assert valid, scored
-    assert all(cfg["low"] <= s <= cfg["high"] for s in valid), scored
+    assert all(cfg.low <= s <= cfg.high for s in valid), scored
     if method == "logprobs":  # a probability-weighted score: every answer gets one, rarely a whole number
         assert len(valid) == len(PAIRS)
         assert any(s != int(s) for s in valid), scored
@@ -116,8 +125,7 @@ def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir
 
 @pytest.mark.slow
 def test_stage_starts_and_stops_its_own_server(smollm2_dir):
-    cfg = dict(PARAMS["judge"], startup_timeout=300)
-    cfg["endpoint"] = dict(cfg["endpoint"], base_url=None)
+    cfg = section("judge", startup_timeout=300, endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
     with judge_stage.endpoint(cfg, smollm2_dir, seed=0) as (url, name):
         assert url.startswith("http://127.0.0.1:") and name == str(smollm2_dir)
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:

@@ -1,5 +1,6 @@
 """params.yaml is validated before any stage does work; a bad value names its key and touches no output."""
 
+import copy
 import subprocess
 import sys
 
@@ -8,9 +9,8 @@ import yaml
 
 from politune.common import ParamsError, load_params
 from politune.schema import validate_sections
-from tests.conftest import ROOT
+from tests.conftest import PARAMS, ROOT
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 
 def test_shipped_params_are_valid():
@@ -30,7 +30,7 @@ def test_shipped_params_are_valid():
     (("annotate", "prompts"), {}, "ideology: 'right' has no prompts in annotate.prompts"),
 ])
 def test_each_bad_value_names_its_key(tmp_path, path, value, message):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params = copy.deepcopy(PARAMS)
     node = params
     for key in path[:-1]:
         node = node[key]
@@ -44,7 +44,7 @@ def test_each_bad_value_names_its_key(tmp_path, path, value, message):
 
 
 def test_annotate_stage_exits_nonzero_without_touching_outputs(tmp_path):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params = copy.deepcopy(PARAMS)
     params["annotate"]["threshold"] = 2
     file = tmp_path / "params.yaml"
     file.write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -76,8 +76,8 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
     file = tmp_path / "params.yaml"
     file.write_text(text, encoding="utf-8")
     params = load_params(file, ["dpo"])
-    assert params["dpo"] == load_yaml(file)["dpo"]
-    assert params["dpo"]["learning_rate"] == 1e-4
+    assert params.dpo == load_yaml(file)["dpo"]
+    assert params.dpo["learning_rate"] == 1e-4
     assert yaml.safe_load(text)["dpo"]["learning_rate"] == "1e-4"  # what the old reader gave the stage
-    config = strict_config(DPOConfig, "dpo", params["dpo"], output_dir=str(tmp_path / "out"), seed=0)
+    config = strict_config(DPOConfig, "dpo", params.dpo, output_dir=str(tmp_path / "out"), seed=0)
     assert config.learning_rate == 1e-4

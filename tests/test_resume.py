@@ -12,6 +12,7 @@ import yaml
 from politune.build_datasets import build, normalise, save
 from politune.common import read_json
 from politune.training import prepare_checkpoints
+from tests.conftest import typed
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_dpo_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
     built = build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)
     save(built["sft"], tmp_path / "sft")
     save(built["dpo"], tmp_path / "dpo")
-    sft.train(smollm2_dir, tmp_path / "sft", tmp_path / "sft_adapter", dict(PARAMS, sft=dict(TRAIN, max_steps=1)),
+    sft.train(smollm2_dir, tmp_path / "sft", tmp_path / "sft_adapter", typed(**dict(PARAMS, sft=dict(TRAIN, max_steps=1))),
               tmp_path / "sft_work")
     kill_and_resume(tmp_path, ["stages.dpo", "--model", str(smollm2_dir), "--adapter", "sft_adapter", "--data", "dpo"])
 

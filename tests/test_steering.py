@@ -9,11 +9,10 @@ import pytest
 
 from politune import side_preference
 from politune.build_datasets import build, collect
-from politune.common import ParamsError, read_yaml
+from politune.common import ParamsError
 from politune.compass import agreement_bias, balanced, load_compass, load_twins
-from tests.conftest import ROOT
+from tests.conftest import PARAMS, ROOT, section, typed
 
-PARAMS = read_yaml(ROOT / "params.yaml")
 COMPASS = ROOT / "data" / "compass" / "political_compass.json"
 TWINS = ROOT / "data" / "compass" / "reversed.json"
 
@@ -80,8 +79,8 @@ def _write(path, side: str, n: int, start: int = 0):
 
 
 def _cfg(source, side, mirror=None, mirror_side=None, fraction=1.0):
-    return dict(PARAMS["datasets"], source=str(source), source_side=side,
-                mirror={"source": str(mirror) if mirror else None, "side": mirror_side, "fraction": fraction})
+    return section("datasets", source=str(source), source_side=side,
+                   mirror={"source": str(mirror) if mirror else None, "side": mirror_side, "fraction": fraction})
 
 
 @pytest.fixture
@@ -141,7 +140,7 @@ def test_mirror_params_errors_name_the_key(external, tmp_path, mirror, side, mat
                           "instruction": ["q1?", "q2?"], "chosen": ["c1", "c2"], "rejected": ["r1", "r2"]})
     table.to_parquet(tmp_path / "annotated.parquet")
     with pytest.raises(ParamsError, match="the annotation has no 'left' pairs; set annotate.mirror: true"):
-        collect(dict(PARAMS["datasets"], mirror={"source": "annotated", "side": None, "fraction": 1.0}),
+        collect(section("datasets", mirror={"source": "annotated", "side": None, "fraction": 1.0}),
                 0, tmp_path / "annotated.parquet", ext, "right")
 
 
@@ -175,10 +174,12 @@ def test_summary_of_known_differences():
 def test_pairs_from_the_test_split_and_heldout_files(tmp_path, external):
     right, left, ext = external
     pairs, _ = collect(_cfg(right, "right", left, "left"), 0, tmp_path / "x", ext, "right")
-    built = build(pairs, 0, 0.3, dict(PARAMS["datasets"]["stance"], fraction=1.0))
+    built = build(pairs, 0, 0.3, section("datasets").stance.model_copy(update={"fraction": 1.0}))
     (tmp_path / "dpo").mkdir()
     built["dpo"]["test"].to_parquet(str(tmp_path / "dpo" / "test.parquet"))
-    cfg = dict(PARAMS["evaluate"]["side_preference"], heldout=[{"path": str(left), "side": "left"}], max_pairs=4)
+    cfg = section("evaluate", side_preference=dict(PARAMS["evaluate"]["side_preference"],
+                                                   heldout=[{"path": str(left), "side": "left"}], max_pairs=4))
+    cfg = cfg.side_preference
     got, sources = side_preference.collect(tmp_path / "dpo", cfg)
     assert sources == {"test_split": 6, str(left): 4}, "stance pairs are format practice, left out"
     assert len(got) == 10
@@ -214,9 +215,9 @@ def right_trained(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("right-trained")
     pairs = normalise(_pairs(TOPICS[:12], "right"), "train")
     save(build(pairs, 0, 0.2)["sft"], root / "sft-data")
-    params = {"base": {"seed": 0}, "lora": dict(PARAMS["lora"], r=8),
-              "sft": dict(PARAMS["sft"], max_steps=30, learning_rate=5e-3, save_steps=100, logging_steps=10,
-                          warmup_steps=0)}
+    params = typed(base={"seed": 0}, lora=dict(PARAMS["lora"], r=8),
+                   sft=dict(PARAMS["sft"], max_steps=30, learning_rate=5e-3, save_steps=100, logging_steps=10,
+                            warmup_steps=0))
     train(tiny_model_dir, root / "sft-data", root / "adapter", params, root / "work")
     return root / "adapter"
 
@@ -229,10 +230,10 @@ def test_instrument_shows_the_side_a_model_was_trained_for_and_zero_for_base(tin
     held = {side: tmp_path / f"{side}.jsonl" for side in ("right", "left")}
     for side, path in held.items():  # unseen topics, both data sides
         path.write_text("".join(json.dumps(r) + "\n" for r in _pairs(TOPICS[12:], side)), encoding="utf-8")
-    cfg = dict(PARAMS["evaluate"], batch_size=4, side_preference=dict(
+    cfg = section("evaluate", batch_size=4, side_preference=dict(
         PARAMS["evaluate"]["side_preference"], heldout=[{"path": str(p), "side": s} for s, p in held.items()],
         bootstrap=300))
-    pairs, sources = side_preference.collect(None, cfg["side_preference"])
+    pairs, sources = side_preference.collect(None, cfg.side_preference)
     assert sources == {str(held["right"]): 8, str(held["left"]): 8}
     model, tokenizer = load_with_adapters(tiny_model_dir, {"sft": right_trained})
     differences: dict = {}

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from politune.build_datasets import build, normalise, save
 from politune.common import ParamsError
 from politune.training import strict_config
+from tests.conftest import typed
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
         "dpo": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                 "max_length": 64, "beta": 0.1, "bf16": False, "save_steps": 2},
     }
+    params = typed(**params)
     trainer, _ = sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
     assert trainer.state.global_step == 3
     sft_weights = load_file(tmp_path / "sft_adapter" / "adapter_model.safetensors")
@@ -85,8 +87,9 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
 
 
 def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model_dir, tiny_data):
-    """The ablation (recipe.dpo_start: base): same LoRA shape as SFT, fresh weights, the base model as reference."""
-    from politune import dpo, sft
+    """The ablation (recipe.dpo_start: base): a fresh adapter from the lora params, the base model as reference;
+    no SFT adapter is read (the one named does not exist)."""
+    from politune import dpo
 
     params = {
         "base": {"seed": 0},
@@ -98,18 +101,16 @@ def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model
         "dpo": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64,
                 "beta": 0.1, "bf16": False, "precompute_ref_log_probs": True},
     }
-    sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
-    sft_weights = load_file(tmp_path / "sft_adapter" / "adapter_model.safetensors")
-    trainer, _ = dpo.train(tiny_model_dir, tmp_path / "sft_adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
-                           params, tmp_path / "w2")
+    trainer, _ = dpo.train(tiny_model_dir, tmp_path / "no-sft-adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
+                           typed(**params), tmp_path / "w2")
     assert trainer.state.global_step == 2
     assert "ref" not in trainer.model.peft_config, "without SFT the reference is the base model, not an adapter"
     dpo_weights = load_file(tmp_path / "dpo_adapter" / "adapter_model.safetensors")
-    assert set(dpo_weights) == set(sft_weights)
-    # LoRA B starts at zero: after DPO from the base it is small and far from the SFT adapter's B.
-    for key in (k for k in dpo_weights if "lora_B" in k):
+    # The shape the lora params give: A and B on q_proj and v_proj of every layer, rank 4.
+    assert {k.split(".")[-3] for k in dpo_weights} == {"q_proj", "v_proj"}
+    assert all(4 in dpo_weights[k].shape for k in dpo_weights)
+    for key in (k for k in dpo_weights if "lora_B" in k):  # LoRA B starts at zero: DPO moved it
         assert dpo_weights[key].abs().sum() > 0, f"DPO did not train {key}"
-        assert not torch.allclose(dpo_weights[key], sft_weights[key]), f"{key} continued the SFT adapter"
     assert trainer.model.peft_config["default"].r == 4
 
 
