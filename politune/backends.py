@@ -21,6 +21,7 @@ from politune.common import ParamsError
 from politune.endpoint import Endpoint
 from politune.schema import Annotate
 from politune.schema import OpenAI as OpenAIParams
+from politune.schema import Transformers as TransformersParams
 
 log = logging.getLogger("politune.backends")
 BACKENDS = ("vllm", "openai", "transformers")
@@ -126,14 +127,14 @@ class OpenAIBackend(Backend):
 class TransformersBackend(Backend):
     """Batched ``generate`` on CPU or GPU, for machines with neither vLLM nor an endpoint."""
 
-    def __init__(self, model_dir: str, cfg: dict[str, Any], seed: int) -> None:
+    def __init__(self, model_dir: str, cfg: TransformersParams, seed: int) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from politune.inference import load_tokenizer
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
         self.batch_size = cfg.batch_size
@@ -170,31 +171,16 @@ class TransformersBackend(Backend):
         import xgrammar as xgr
         from xgrammar.contrib.hf import LogitsProcessor
 
-        torch = self.torch
+        from politune.inference import generate_chats
+
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
             self._compiler = xgr.GrammarCompiler(info)
         grammar = self._compiler.compile_json_schema(json.dumps(schema))
-        self.tokenizer.padding_side = "left"
-        outputs = []
-        for k in range(0, len(chats), self.batch_size):
-            batch = chats[k : k + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            if seed is not None:
-                torch.manual_seed(seed + k)
-            sample = temperature > 0
-            with torch.inference_mode():
-                out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
-                                          temperature=temperature if sample else None, top_p=None, top_k=None,
-                                          logits_processor=[LogitsProcessor(grammar)],
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1] :]
-            for row in new:
-                keep = row[row != self.tokenizer.pad_token_id]
-                self.tokens_generated += int(len(keep))
-                outputs.append(self.tokenizer.decode(keep, skip_special_tokens=True))
-        return outputs
+        outputs = generate_chats(self.model, self.tokenizer, chats, max_tokens, temperature, seed, self.batch_size,
+                                 processors=lambda: [LogitsProcessor(grammar)])
+        self.tokens_generated += sum(n for _, n in outputs)
+        return [text for text, _ in outputs]
 
 
 def make_backend(cfg: Annotate, model_dir: str, seed: int) -> Backend:

@@ -14,24 +14,13 @@ checkpoints while training, so a resumed run still has the ones before the inter
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import shutil
 from pathlib import Path
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import (
-    CHECKPOINT_DEFAULTS,
-    fingerprint,
-    is_main_process,
-    load_splits,
-    load_target,
-    log_training,
-    prepare_checkpoints,
-    strict_config,
-    write_training_reports,
-)
+from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, strict_config
 
 log = logging.getLogger("politune.dpo")
 
@@ -87,16 +76,7 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
 
 def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    from politune.tracking import stage_run
-
-    resume = prepare_checkpoints(paths.checkpoints, fingerprint(params, paths.model, paths.adapter, paths.data))
-    main_process = is_main_process()
-    with stage_run("dpo", params, params_file) if main_process else contextlib.nullcontext() as mlflow:
-        trainer, extra = train(paths.model, paths.adapter, paths.data, paths.out, params, paths.checkpoints, resume,
-                              paths.trajectory)
-        if main_process:  # under `accelerate launch`, one process writes the outputs
-            metrics = write_training_reports(trainer, paths.metrics, paths.curve, extra)
-            log_training(mlflow, trainer, metrics, paths.out, ("loss", "rewards/accuracies", "rewards/margins"))
-    if main_process:
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing to resume
-
+    run_training("dpo", params, params_file, paths, (paths.model, paths.adapter, paths.data),
+                 lambda resume: train(paths.model, paths.adapter, paths.data, paths.out, params, paths.checkpoints,
+                                      resume, paths.trajectory),
+                 ("loss", "rewards/accuracies", "rewards/margins"))

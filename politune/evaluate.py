@@ -39,20 +39,11 @@ import numpy as np
 
 from politune import side_preference
 from politune.common import atomic_path, seed_everything, write_json
-from politune.compass import (
-    Compass,
-    agreement_bias,
-    balanced,
-    compass_axes,
-    load_compass,
-    load_twins,
-    resample,
-    save_compass,
-)
-from politune.inference import generate, load_with_adapters, option_logprobs, option_token_ids, use
+from politune.compass import (Compass, agreement_bias, balanced, compass_axes, load_compass, load_twins, resample,
+                              save_compass)
+from politune.inference import MODELS, generate, load_with_adapters, option_logprobs, option_token_ids, use
 from politune.schema import Evaluate, Params
 
-MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.evaluate")
 
 

@@ -13,17 +13,28 @@ from pathlib import Path
 
 import numpy as np
 
+MODELS = ("base", "sft", "dpo")  # the evaluated models: the target, and the target with each adapter
+
+
+def load_tokenizer(model_dir: str | Path, padding_side: str | None = None):
+    """The model's tokenizer, with the end-of-sequence token as padding where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side:
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
 
 def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path]):
     """Return (model, tokenizer): the base model with each named adapter loaded (none active outside ``use``)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapters:
         (first, first_path), *rest = adapters.items()
@@ -74,24 +85,39 @@ def option_logprobs(model, tokenizer, prompts: list[str], option_ids: list[int],
     return np.concatenate(out)
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int) -> list[str]:
-    """Free chat answers, batched; greedy when ``temperature`` is 0, else seeded sampling (reproducible)."""
+def generate_chats(model, tokenizer, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float,
+                   seed: int | None, batch_size: int, processors=None) -> list[tuple[str, int]]:
+    """Chat completions, batched and left-padded: (text, generated tokens) each; greedy when ``temperature`` is 0,
+    else sampled with ``seed`` + the batch's offset (reproducible). ``processors``: a function returning fresh logits
+    processors for each batch (e.g. a JSON-schema grammar, which keeps state while it generates)."""
     import torch
 
-    answers = []
+    tokenizer.padding_side = "left"
     sample = temperature > 0
+    out_rows = []
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(chat_texts(tokenizer, prompts[start : start + batch_size]), return_tensors="pt",
-                            padding=True, add_special_tokens=False)
-            torch.manual_seed(seed + start)
+        for start in range(0, len(chats), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in chats[start : start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if seed is not None:
+                torch.manual_seed(seed + start)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=None, top_k=None,
+                                 logits_processor=processors() if processors else None,
                                  pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1] :]:
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+                row = row[row != tokenizer.pad_token_id]
+                out_rows.append((tokenizer.decode(row, skip_special_tokens=True), int(len(row))))
+    return out_rows
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
+             batch_size: int) -> list[str]:
+    """Free answers to single-turn prompts (``generate_chats``), stripped."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    return [text.strip() for text, _ in generate_chats(model, tokenizer, chats, max_new_tokens, temperature, seed,
+                                                       batch_size)]
 
 
 def chat_continuation_ids(tokenizer, prompt: list[dict[str, str]], answer: list[dict[str, str]],

@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from politune.common import atomic_path, seed_everything, write_json
 from politune.endpoint import Endpoint
+from politune.inference import MODELS
 from politune.schema import Judge as JudgeParams
 from politune.schema import Params
 
-MODELS = ("base", "sft", "dpo")
 log = logging.getLogger("politune.judge")
 
 

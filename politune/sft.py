@@ -7,23 +7,11 @@ adapter (not the merged model) is saved to ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import shutil
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import (
-    CHECKPOINT_DEFAULTS,
-    fingerprint,
-    is_main_process,
-    load_splits,
-    load_target,
-    log_training,
-    prepare_checkpoints,
-    strict_config,
-    write_training_reports,
-)
+from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, strict_config
 
 log = logging.getLogger("politune.sft")
 
@@ -52,15 +40,5 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
 
 def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    from politune.tracking import stage_run
-
-    resume = prepare_checkpoints(paths.checkpoints, fingerprint(params, paths.model, paths.data))
-    main_process = is_main_process()
-    with stage_run("sft", params, params_file) if main_process else contextlib.nullcontext() as mlflow:
-        trainer, extra = train(paths.model, paths.data, paths.out, params, paths.checkpoints, resume)
-        if main_process:  # under `accelerate launch`, one process writes the outputs
-            metrics = write_training_reports(trainer, paths.metrics, paths.curve, extra)
-            log_training(mlflow, trainer, metrics, paths.out, ("loss",))
-    if main_process:
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing to resume
-
+    run_training("sft", params, params_file, paths, (paths.model, paths.data),
+                 lambda resume: train(paths.model, paths.data, paths.out, params, paths.checkpoints, resume), ("loss",))

@@ -86,7 +86,7 @@ def from_test_split(data_dir: str | Path, pairs: Pairs) -> int:
 
 def from_file(path: str | Path, side: str, max_pairs: int | None, pairs: Pairs) -> int:
     """Add a held-out preference file whose chosen answers voice ``side`` (its data side); returns the count."""
-    from politune.build_datasets import read_rows, normalise
+    from politune.build_datasets import normalise, read_rows
 
     if not Path(path).exists():
         raise InputError(f"evaluate.side_preference.heldout: {path}: no such file")

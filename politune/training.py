@@ -82,11 +82,11 @@ def strict_config(cls, section: str, values: dict[str, Any], defaults: dict[str,
 
 def load_target(model_dir: str | Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from politune.inference import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model, tokenizer
 
@@ -144,3 +144,22 @@ def log_training(mlflow, trainer, metrics: dict[str, Any], adapter_dir: str | Pa
             log_metrics(mlflow, {k.replace("/", "_"): v for k, v in rec.items() if k in step_keys}, step=rec["step"])
     log_metrics(mlflow, metrics)
     log_artifacts(mlflow, adapter_dir, "adapter")
+
+
+def run_training(stage: str, params, params_file: str, paths, inputs: tuple, train, step_keys: tuple[str, ...]) -> None:
+    """The body shared by the ``sft`` and ``dpo`` stages: resume only from this exact run's checkpoints (params and
+    ``inputs`` fingerprinted), ``train(resume)`` -> (trainer, extra metrics), the reports and the MLflow mirror
+    written by the main process only, then the checkpoints dropped (finished: nothing to resume)."""
+    import contextlib
+
+    from politune.tracking import stage_run
+
+    resume = prepare_checkpoints(paths.checkpoints, fingerprint(params, *inputs))
+    main_process = is_main_process()
+    with stage_run(stage, params, params_file) if main_process else contextlib.nullcontext() as mlflow:
+        trainer, extra = train(resume)
+        if main_process:  # under `accelerate launch`, one process writes the outputs
+            metrics = write_training_reports(trainer, paths.metrics, paths.curve, extra)
+            log_training(mlflow, trainer, metrics, paths.out, step_keys)
+    if main_process:
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
