@@ -1,7 +1,7 @@
 """The demo's comparison report: base vs right- vs left-tuned models on the Political Compass, with the judge.
 
-Reads the outputs of the demo's DVC experiments from their experiment commits (``reports/metrics.json``,
-``reports/compass_answers.csv``, ``reports/judge.json``: small files DVC keeps in git) and writes
+Reads the outputs of the demo's DVC experiments through ``dvc.api`` (``exp_show`` lists them, ``read`` reads
+``reports/metrics.json``, ``reports/compass_answers.csv``, ``reports/judge.json`` of each) and writes
 
 - ``<out>/compass.png``: base, right (SFT -> DPO) and left (SFT -> DPO) with their 95% intervals and arrows, and
   the DPO-without-SFT ablation as open markers;
@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -52,31 +51,46 @@ COMPARISONS = [  # (name, a, b): the shift a - b
 ]
 
 
-def git(*args: str, cwd: str | Path = ".") -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise InputError(f"git {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+def _dvc_error(exc: Exception, what: str) -> InputError:
+    return InputError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def experiment_revs(prefix: str, cwd: str | Path = ".", baseline: str = "HEAD") -> dict[str, str]:
-    """Experiment commit per demo suffix, for experiments ``<prefix>-<suffix>`` based on ``baseline``."""
-    head = git("rev-parse", baseline, cwd=cwd).strip()
-    revs = {}
-    for line in git("for-each-ref", "refs/exps", "--format=%(refname) %(objectname)", cwd=cwd).splitlines():
-        ref, sha = line.split()
-        parts = ref.split("/")  # refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
-        if len(parts) == 5 and parts[2] + parts[3] == head and parts[4].startswith(prefix + "-"):
-            revs[parts[4][len(prefix) + 1:]] = sha
-    return revs
+def baseline_rev(rev: str = "HEAD", cwd: str | Path = ".") -> str:
+    """The commit ``rev`` names, as ``dvc exp show`` shows a baseline (``dvc.api.exp_show``)."""
+    import dvc.api
+
+    try:
+        rows = dvc.api.exp_show(repo=str(cwd), revs=rev)
+    except Exception as exc:  # not a DVC repository, an unknown revision
+        raise _dvc_error(exc, f"dvc exp show {rev}") from exc
+    return next(r["rev"] for r in rows if r.get("typ") == "baseline" and r.get("rev") != "workspace")
+
+
+def experiment_revs(prefix: str, cwd: str | Path = ".", baseline: str = "HEAD") -> dict[str, tuple[str, str]]:
+    """``{suffix: (experiment name, commit)}`` of the experiments ``<prefix>-<suffix>`` on ``baseline``, as
+    ``dvc exp show`` lists them (``dvc.api.exp_show``)."""
+    import dvc.api
+
+    try:
+        rows = dvc.api.exp_show(repo=str(cwd), revs=baseline)
+    except Exception as exc:
+        raise _dvc_error(exc, f"dvc exp show {baseline}") from exc
+    return {r["Experiment"][len(prefix) + 1:]: (r["Experiment"], r["rev"]) for r in rows
+            if r.get("Experiment") and r["Experiment"].startswith(prefix + "-")}
 
 
 def read_at(rev: str, path: str, cwd: str | Path = ".") -> str:
-    return git("show", f"{rev}:{path}", cwd=cwd)
+    """A file of an experiment (by name) or commit, through ``dvc.api.read``."""
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, repo=str(cwd), rev=rev)
+    except Exception as exc:  # the file is not in that experiment
+        raise _dvc_error(exc, f"{path} at {rev}") from exc
 
 
 def _table(rev: str, path: str, cwd: str | Path) -> list[dict[str, str]]:
-    """A CSV report of an experiment commit; empty when that commit has none (an older run, or the option off)."""
+    """A CSV report of an experiment; empty when it has none (an older run, or the option off)."""
     try:
         text = read_at(rev, path, cwd)
     except InputError:
@@ -95,17 +109,18 @@ def load_experiment(rev: str, cwd: str | Path = ".") -> dict[str, Any]:
 
 
 def _judge(rev: str, cwd: str | Path) -> dict[str, Any]:
-    """The judge's scores of an experiment; none when it ran up to ``evaluate`` only (``make demo --no-judge``): its
-    judge.json is then the baseline's, of other models, and is not read."""
-    try:
-        lock = read_at(rev, "dvc.lock", cwd)
-        base = read_at(f"{rev}^", "dvc.lock", cwd)
-    except InputError:
-        lock = base = ""
+    """The judge's scores of an experiment; none when the judge did not score this experiment's DPO model (its
+    ``dvc.lock`` entry's ``models/dpo`` is not the one the ``dpo`` stage wrote): an experiment run up to
+    ``evaluate`` only (``make demo --no-judge``) keeps the baseline's judge.json, of other models."""
     from politune.common import read_yaml_text
 
-    if lock and base and (read_yaml_text(lock).get("stages", {}).get("judge")
-                          == read_yaml_text(base).get("stages", {}).get("judge")):
+    try:
+        stages = (read_yaml_text(read_at(rev, "dvc.lock", cwd)) or {}).get("stages", {})
+    except InputError:
+        stages = {}
+    judged = {d["path"]: d.get("md5") for d in stages.get("judge", {}).get("deps", [])}
+    trained = {o["path"]: o.get("md5") for o in stages.get("dpo", {}).get("outs", [])}
+    if "models/dpo" in judged and judged["models/dpo"] != trained.get("models/dpo"):
         return {}
     try:
         return json.loads(read_at(rev, "reports/judge.json", cwd))
@@ -454,7 +469,7 @@ def main(argv=None) -> None:
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
-    baseline = git("rev-parse", args.baseline).strip()
+    baseline = baseline_rev(args.baseline)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     reports, revs_all, compass, twins = {}, {}, None, None
     for recipe in recipes:
@@ -472,12 +487,12 @@ def main(argv=None) -> None:
         if compass is None:
             compass = load_compass(args.compass)
             twins = load_twins(args.twins, compass) if Path(args.twins).exists() else None
-        experiments = {suffix: load_experiment(rev) for suffix, rev in revs.items() if suffix in ROLES}
+        experiments = {suffix: load_experiment(name) for suffix, (name, _) in revs.items() if suffix in ROLES}
         summaries, answers, judge = collect(experiments)
         has_twins = twins is not None and all("twins" in a for a in answers.values())
         reports[recipe] = compare(compass, summaries, answers, judge, args.bootstrap, args.permutations,
                                   twins=twins if has_twins else None)
-        revs_all.update({f"{prefix}-{s}": revs[s] for s in experiments})
+        revs_all.update({revs[s][0]: revs[s][1] for s in experiments})
     headline = recipes[0]
     report = dict(reports[headline], recipe=headline, experiments=revs_all,
                   recipes={name: recipe_row(r) for name, r in reports.items()})
@@ -491,7 +506,7 @@ def main(argv=None) -> None:
             f"(recipe `{headline}`; baseline `{baseline[:7]}`).\n\n## Verdict\n\n{verdict(report)}\n"
             f"## Every recipe tried\n\n{recipes_markdown(report['recipes'], headline)}\n"
             f"## Headline recipe ({headline})\n\n{markdown(report)}\n"
-            f"## Settings of `{shown}`\n\n{settings_markdown(revs_all[shown])}")
+            f"## Settings of `{shown}`\n\n{settings_markdown(shown)}")
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     print(text)

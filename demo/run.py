@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     from demo import report
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    baseline = report.git("rev-parse", "HEAD").strip()  # the experiments' baseline, even if HEAD moves meanwhile
+    baseline = report.baseline_rev("HEAD")  # the experiments' baseline, even if HEAD moves meanwhile
     if not args.report_only:
         exps = experiments(args.prefix, args.data, recipes, ablation=not args.no_ablation)
         copy = []

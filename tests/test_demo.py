@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -175,14 +176,18 @@ def _write_reports(root, compass, answers: dict[str, np.ndarray], judge: dict[st
         {m: {"score": v, "score_ci_low": v - 0.2, "score_ci_high": v + 0.2, "leaning": v - 4} for m, v in judge.items()}))
 
 
-def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
-    """Experiment commits under refs/exps (as DVC stores them) -> figure, tables, JSON and an MLflow run."""
+def test_report_from_experiments(tmp_path, monkeypatch, compass):
+    """DVC experiments (saved with `dvc exp save`, read back through dvc.api) -> figure, tables, JSON, MLflow run."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    def dvc(*args):
+        return subprocess.run(["dvc", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
 
     git("init", "-q")
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
+    dvc("init", "-q")
     (tmp_path / "data" / "compass").mkdir(parents=True)
     (tmp_path / "data" / "compass" / "political_compass.json").write_bytes(COMPASS.read_bytes())
     (tmp_path / "data" / "compass" / "reversed.json").write_bytes((COMPASS.parent / "reversed.json").read_bytes())
@@ -196,15 +201,14 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
                    "mirror-right-dpo-only": (base, base, 4.0, 3),
                    # an older recipe's run: only the averaged probabilities, no twins or side tables
                    "plain-right": (base, left, 4.5, 0), "plain-left": (base, right, 3.5, 0)}
-    for suffix, (sft, dpo, score, paraphrases) in experiments.items():
-        side = {"base": 0.0, "sft": 0.0, "dpo": {"right": 6.0, "left": -5.0}.get(suffix.split("-")[1], 0.0)}
+    for name, (sft, dpo, score, paraphrases) in {**experiments, "other-mirror-right": experiments["mirror-right"]}.items():
+        side = {"base": 0.0, "sft": 0.0, "dpo": {"right": 6.0, "left": -5.0}.get(name.split("-")[1], 0.0)}
         _write_reports(tmp_path, compass, {"base": base, "sft": sft, "dpo": dpo}, {"base": 4.0, "dpo": score},
                        paraphrases=paraphrases, side=side if paraphrases else None)
-        git("add", "reports")
-        git("commit", "-qm", suffix)
-        git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/demo-{suffix}", "HEAD")
-        git("reset", "-q", "--hard", head)
-    git("update-ref", f"refs/exps/{head[:2]}/{head[2:]}/other-mirror-right", "HEAD")  # another prefix: not read
+        files = [str(f.relative_to(tmp_path)) for f in sorted((tmp_path / "reports").iterdir())]
+        dvc("exp", "save", "-n", name if name.startswith("other") else f"demo-{name}",
+            *[a for f in files for a in ("-I", f)])
+        shutil.rmtree(tmp_path / "reports")  # another prefix (other-) is not read
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -238,7 +242,7 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
     assert "| mirror (headline) |" in summary and "| plain |" in summary
     assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": null" in summary
     # a partial run (the left experiment missing): each model against base, and no right - left
-    git("update-ref", "-d", f"refs/exps/{head[:2]}/{head[2:]}/demo-plain-left")
+    dvc("exp", "remove", "demo-plain-left")
     report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain", "--no-mlflow"])
     partial = json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())
     assert "right_minus_base" in partial["shifts"] and "right_minus_left" not in partial["shifts"]
@@ -254,6 +258,7 @@ def test_report_from_experiment_refs(tmp_path, monkeypatch, compass):
 
 def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"],
                    cwd=tmp_path, check=True)
     monkeypatch.chdir(tmp_path)
