@@ -1,4 +1,5 @@
-"""``make bench``: run every benchmark, print its figures, and write them all to ``reports/bench.json``.
+"""``make bench``: run every benchmark, print its figures, and write them all to ``reports/bench.json`` (and as tables
+to ``reports/bench.md``).
 
 1. annotation throughput (``bench.annotation``): vLLM vs transformers (batch 1 and the batched size), same posts,
    prompts, max tokens, greedy;
@@ -129,6 +130,9 @@ def main() -> None:
         report[name] = fn(args)
         print(name, json.dumps(report[name], indent=1)[:3000], flush=True)
         write_json(args.out, report)
+    from bench.report import write
+
+    write(args.out, Path(args.out).with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""``reports/bench.md`` from ``reports/bench.json``: the benchmark figures as tables, written by code (``make bench``
+calls it; ``python -m bench.report`` rewrites it from the JSON alone)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from politune.common import atomic_path, read_json
+
+
+def _annotation(a: dict[str, Any]) -> list[str]:
+    lines = [f"## Annotation throughput (at most {a.get('max_tokens')} new tokens, greedy)", "",
+             "| backend | N | seconds | prompts/s | generated tokens/s | engine start s |", "|---|---|---|---|---|---|"]
+    for backend, entry in a.get("runs", {}).items():
+        for r in entry.get("runs", []):
+            lines.append(f"| {backend} | {r['n']} | {r['generate_seconds']} | {r['prompts_per_second']} | "
+                         f"{r['generated_tokens_per_second']} | {entry.get('engine_start_seconds')} |")
+    speed = {k: v for k, v in a.items() if k.startswith("speedup")}
+    lines += ["", *(f"- `{k}`: {v}" for k, v in speed.items()), ""]
+    return lines
+
+
+def _dpo(d: dict[str, Any]) -> list[str]:
+    lines = [f"## DPO step time (`bench.dpo`; native bf16 on this CPU: {d.get('cpu_bf16')})", "",
+             "| configuration | dpo overrides | s/step | all-in s/step | peak RSS GB | final loss | eval loss | "
+             "eval reward acc. |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in d.items():
+        if isinstance(r, dict) and "seconds_per_step" in r:
+            lines.append(f"| {name} | `{r['config']}` | {r['seconds_per_step']} | {r['seconds_per_step_all_in']} | "
+                         f"{r['peak_rss_gb']} | {r['final_loss']} | {r['eval_loss']} | {r['eval_reward_accuracy']} |")
+    lines += ["", *(f"- `{k}`: {v}" for k, v in d.items() if k.startswith("speedup")), ""]
+    return lines
+
+
+def _repro(r: dict[str, Any]) -> list[str]:
+    lines = ["## `dvc repro` and `dvc exp run`", ""]
+    lines += [f"- `{k}`: {v}" for k, v in r.items()]
+    return lines + [""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report.get("machine", {})
+    lines = ["# Benchmarks", "", f"Written by `bench/report.py` from `reports/bench.json` (`make bench`). Machine: "
+             f"{machine.get('cpus')} CPUs, Python {machine.get('python')}.", ""]
+    for key, fn in (("annotation", _annotation), ("dpo", _dpo), ("repro", _repro)):
+        if key in report:
+            lines += fn(report[key])
+    return "\n".join(lines)
+
+
+def write(json_path: str | Path, md_path: str | Path) -> None:
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown(read_json(json_path)), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="reports/bench.json")
+    parser.add_argument("--out", default="reports/bench.md")
+    args = parser.parse_args()
+    write(args.json, args.out)
+
+
+if __name__ == "__main__":
+    main()
