@@ -85,16 +85,23 @@ class VLLMBackend(Backend):
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible endpoint. Timeouts and bounded retries with backoff are the client's own."""
 
-    def __init__(self, cfg: OpenAIParams, default_model: str) -> None:
+    def __init__(self, cfg: OpenAIParams, model_dir: str) -> None:
+        """``model_dir``: the annotator's local directory, the model name by default (``vllm serve <dir>`` serves it
+        under that name) and the tokenizer that cuts posts."""
         self.endpoint = Endpoint(cfg.base_url, cfg, "annotation", "annotate.openai.base_url")
         self.client = self.endpoint.client
-        self.model = cfg.model or default_model
+        self.model = cfg.model or model_dir
+        self.model_dir = model_dir
         self.batch_size = cfg.batch_size
         self.tokens_generated = 0
 
     def loglikelihoods(self, prefixes, texts, max_text_tokens):
-        # Character offsets separate prefix from text, so no local tokenizer is needed.
-        texts = [" ".join(t.split(" ")[: max_text_tokens]) for t in texts]
+        # Posts are cut to max_text_tokens tokens of the annotator's own tokenizer (the local model directory), as
+        # the other backends cut them; character offsets then separate prefix from text in the endpoint's reply.
+        from politune.inference import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_dir)
+        texts = [tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)[:max_text_tokens]) for t in texts]
         jobs = [(i, j, prefixes[j], prefixes[j] + t) for i, t in enumerate(texts) for j in range(len(prefixes))]
         scores = np.zeros((len(texts), len(prefixes)))
 
@@ -188,7 +195,7 @@ def make_backend(cfg: Annotate, model_dir: str, seed: int) -> Backend:
     if name == "vllm":
         return VLLMBackend(model_dir, cfg.engine, seed)
     if name == "openai":
-        return OpenAIBackend(cfg.openai, default_model=model_dir)
+        return OpenAIBackend(cfg.openai, model_dir)
     if name == "transformers":
         return TransformersBackend(model_dir, cfg.transformers, seed)
     raise ParamsError(f"annotate.backend: {name!r} is not one of {', '.join(BACKENDS)}")

@@ -49,7 +49,7 @@ def test_openai_backend_against_vllm_serve(vllm_server, monkeypatch):
     cfg = section("annotate", backend="openai", threshold=0.0, max_new_tokens=160, max_retries=1,
                   openai=dict(PARAMS["annotate"]["openai"], base_url=base_url, model=model,
                               api_key_env="POLITUNE_TEST_KEY"))
-    backend = OpenAIBackend(cfg.openai, default_model="unused")
+    backend = OpenAIBackend(cfg.openai, model)
     assert backend.client.api_key == "sk-test-not-a-secret" and backend.model == model
     table, report = annotate(posts(), backend, "right", cfg, seed=0)
     check(table, report, cfg)
