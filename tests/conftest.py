@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -93,3 +99,107 @@ def vllm_server(smollm2_dir, tmp_path_factory):
     url, proc = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     yield url, str(smollm2_dir), proc
     serve.stop(proc)
+
+
+# --- one tiny pipeline repository per test run (tests/test_pipeline_e2e.py, then tests/test_team.py) --------------
+
+STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge"}
+
+
+def run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+def ran(output):
+    """The stages a `dvc repro` / `dvc exp run` output says it ran (or would run, with --dry)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def tiny_params(params, annotator_dir, target_dir):
+    """The default params, shrunk: SmolLM2 annotates and judges (it writes valid triplets), a tiny random model is
+    tuned and evaluated (the machinery needs no real target)."""
+    params["models"] = {"annotator": str(annotator_dir), "target": str(target_dir)}
+    params["annotate"].update(max_posts=16, threshold=0.2, max_new_tokens=160, max_retries=1, sample_size=3)
+    params["datasets"].update(min_pairs=4, test_size=0.25)
+    small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "logging_steps": 1}
+    params["sft"].update(small)
+    params["dpo"].update(small, save_steps=1)
+    params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
+    params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
+    return params
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """An `mlflow server` (SQLite backend, proxied artifacts) and a moto S3 server, both on loopback."""
+    from politune.serve import free_port, stop
+
+    tmp = tmp_path_factory.mktemp("servers")
+    procs, urls = [], {}
+    bindir = Path(sys.executable).parent
+    mlflow_port, s3_port = free_port(), free_port()
+    specs = {
+        "mlflow": ([str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                    "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
+                    str(tmp / "artifacts"), "--workers", "1"], f"http://127.0.0.1:{mlflow_port}"),
+        "s3": ([str(bindir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], f"http://127.0.0.1:{s3_port}"),
+    }
+    try:
+        for name, (cmd, url) in specs.items():
+            log = tmp / f"{name}.log"
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            wait_http(url + ("/health" if name == "mlflow" else "/"), proc, log)
+            urls[name] = url
+        yield urls
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@dataclass
+class Pipeline:
+    root: Path
+    env: dict
+    repro: str  # the output of the first `dvc repro`
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, smollm2_dir, tiny_model_dir, servers) -> Pipeline:
+    """A tiny politune repository (git + DVC), reproduced once with MLflow tracking to the server and committed.
+    Shared by the end-to-end and the team tests, which run in that order and leave it at a commit."""
+    import yaml
+
+    root = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
+    params = tiny_params(read_yaml(root / "params.yaml"), smollm2_dir, tiny_model_dir)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP", "AWS_"))}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               MLFLOW_TRACKING_URI=servers["mlflow"], POLITUNE_MLFLOW_EXPERIMENT="pipeline")
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny politune"], root, env)
+    out = run(["dvc", "repro"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline results"], root, env)
+    return Pipeline(root, env, out)

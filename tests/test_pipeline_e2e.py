@@ -1,64 +1,28 @@
-"""End to end: a throwaway git+DVC repo with a tiny configuration, real vLLM, real TRL, real MLflow store."""
+"""End to end on one tiny git+DVC repository (the session's ``pipeline``): real vLLM annotation, real TRL training,
+the compass and side preference, a real `vllm serve` judge, MLflow tracking to a real server. The tests run in file
+order on that repository and leave it at a commit for tests/test_team.py."""
 
 import json
-import os
-import re
-import subprocess
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, copy_project
+from politune.common import read_yaml
+from tests.conftest import ROOT, STAGES, ran, run
 
 pytestmark = pytest.mark.slow
-STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge"}
 
 
-def run(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout + proc.stderr
-
-
-def ran(output):
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def tiny_params(params, model_dir):
-    params["models"] = {"annotator": str(model_dir), "target": str(model_dir)}
-    params["annotate"].update(max_posts=16, threshold=0.2, max_new_tokens=160, max_retries=1, sample_size=3)
-    params["datasets"].update(min_pairs=4, test_size=0.25)
-    small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "logging_steps": 1}
-    params["sft"].update(small)
-    params["dpo"].update(small, save_steps=1)
-    params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
-    params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
-    return params
-
-
-@pytest.fixture()
-def repo(tmp_path, smollm2_dir):
-    root = copy_project(tmp_path / "repo")
-    params = tiny_params(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), smollm2_dir)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny politune"], root, env)
-    return root, env
-
-
-def test_repro_then_selective_reruns(repo):
-    root, env = repo
-    out = run(["dvc", "repro"], root, env)
-    assert ran(out) == STAGES, out[-3000:]
+def test_repro_runs_every_stage_once_then_nothing(pipeline):
+    root, env = pipeline.root, pipeline.env
+    assert ran(pipeline.repro) == STAGES, pipeline.repro[-3000:]
     assert "up to date" in run(["dvc", "status"], root, env)
     assert ran(run(["dvc", "repro"], root, env)) == set()
 
-    # Determinism: forcing annotation (greedy) and dataset building again yields byte-identical outputs.
+
+def test_annotation_and_datasets_are_deterministic(pipeline):
+    """Forcing annotation (greedy) and dataset building again yields byte-identical data."""
+    root, env = pipeline.root, pipeline.env
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     run(["dvc", "repro", "-f", "-s", "annotate"], root, env)
     run(["dvc", "repro", "-f", "-s", "build_datasets"], root, env)
@@ -66,8 +30,13 @@ def test_repro_then_selective_reruns(repo):
     for stage in ("annotate", "build_datasets"):  # reports/ hold timings (wall_seconds), the data must not move
         data = [[o for o in entry[stage]["outs"] if not o["path"].startswith("reports/")] for entry in (lock, again)]
         assert data[0] and data[0] == data[1], f"{stage} is not deterministic"
+    run(["git", "checkout", "-q", "--", "."], root, env)  # back to the committed results
+    run(["dvc", "checkout", "-q"], root, env)
     assert "up to date" in run(["dvc", "status"], root, env)
 
+
+def test_reports(pipeline):
+    root, env = pipeline.root, pipeline.env
     metrics = json.loads((root / "reports" / "metrics.json").read_text(encoding="utf-8"))
     for model in ("base", "sft", "dpo"):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
@@ -91,49 +60,72 @@ def test_repro_then_selective_reruns(repo):
     assert len((root / "reports" / "judge_answers.csv").read_text(encoding="utf-8").splitlines()) >= 10
     annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
     assert annotation["kept"] + annotation["dropped"] + annotation["invalid"] == annotation["posts_in"] == 16
-    shown = run(["dvc", "metrics", "show", "--json"], root, env)
-    assert "economic" in shown
+    assert "economic" in run(["dvc", "metrics", "show", "--json"], root, env)
 
-    # MLflow holds one run per stage, with its params and metrics.
+
+def test_mlflow_mirrors_every_stage_under_one_parent(pipeline):
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("politune")
-    runs = client.search_runs([exp.experiment_id])
-    by_stage = {r.data.tags["politune.stage"]: r for r in runs if "politune.stage" in r.data.tags}
+    client = mlflow.tracking.MlflowClient(tracking_uri=pipeline.env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("pipeline")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"
+               and r.data.tags["dvc.exp_name"] == "workspace"]
+    assert len(parents) == 1
+    by_stage = {r.data.tags["politune.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(by_stage) == STAGES
-    parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"]
-    assert len(parents) == 1 and parents[0].data.tags["dvc.exp_name"] == "workspace"
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in by_stage.values())
     assert by_stage["sft"].data.params["lora.r"] == "16"
     assert by_stage["annotate"].data.params["ideology"] == "right"
     assert "base.economic" in by_stage["evaluate"].data.metrics
     assert "kept" in by_stage["annotate"].data.metrics
     assert "dpo.score" in by_stage["judge"].data.metrics
 
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "baseline results"], root, env)
 
-    out = run(["dvc", "exp", "run", "-S", "lora.r=8"], root, env)
-    assert ran(out) == {"sft", "dpo", "evaluate", "judge"}, out[-3000:]
+@pytest.mark.parametrize("key, value, stages", [
+    ("lora.r", 8, {"sft", "dpo"}),
+    ("ideology", "left", {"annotate", "build_datasets"}),
+    ("annotate.threshold", 0.3, {"annotate"}),
+    ("datasets.test_size", 0.3, {"build_datasets"}),
+    ("dpo.beta", 0.2, {"dpo"}),
+    ("evaluate.bootstrap", 60, {"evaluate"}),
+    ("judge.samples", 2, {"judge"}),
+])
+def test_a_param_reruns_exactly_the_stages_that_declare_it(pipeline, key, value, stages):
+    """Selective reruns (treeverse/dvc#9913): the stages a changed param makes DVC rerun directly (`dvc repro
+    --dry`: stages downstream of them rerun too, once their inputs change; the experiment below shows that)."""
+    root, env = pipeline.root, pipeline.env
+    params = read_yaml(root / "params.yaml")
+    node = params
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    try:
+        assert ran(run(["dvc", "repro", "--dry"], root, env)) == stages
+    finally:
+        run(["git", "checkout", "-q", "--", "params.yaml"], root, env)
 
-    out = run(["dvc", "exp", "run", "-S", "ideology=left"], root, env)
-    assert "annotate" in ran(out) and not {"prepare_models", "ingest"} & ran(out), out[-3000:]
-    annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
-    assert annotation["ideology"] == "left"
-    exps = run(["dvc", "exp", "show", "--json"], root, env)
-    assert '"ideology": "left"' in exps and '"r": 8' in exps, exps[:2000]
 
-    # Bring your own preference data: the PoliTune authors' sample, without running annotation.
+def test_bring_your_own_preference_data(pipeline):
+    """An experiment on the PoliTune authors' sample instead of the annotation: annotate does not run, everything
+    downstream of the datasets does."""
+    root, env = pipeline.root, pipeline.env
     sample = ROOT.parent / "shared" / "reference" / "politune" / "right-sample.jsonl"
     if not sample.exists():
-        pytest.skip("../shared/reference/politune is not beside the project: bring-your-own step not run")
-    run(["git", "checkout", "-q", "--", "."], root, env)
-    run(["dvc", "checkout", "-q"], root, env)
+        pytest.skip("../shared/reference/politune is not beside the project")
     (root / "data" / "external" / "politune-right.jsonl").write_bytes(sample.read_bytes())
     run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "results, and the PoliTune sample as external data"], root, env)
-    out = run(["dvc", "exp", "run", "-S", "datasets.source=data/external/politune-right.jsonl"], root, env)
+    run(["git", "commit", "-qm", "the PoliTune sample as external data"], root, env)
+    out = run(["dvc", "exp", "run", "-n", "byo", "-S", "datasets.source=data/external/politune-right.jsonl"],
+              root, env)
     assert "annotate" not in ran(out) and {"build_datasets", "sft", "dpo", "evaluate", "judge"} <= ran(out), out[-3000:]
     report = json.loads((root / "reports" / "datasets.json").read_text(encoding="utf-8"))
     assert report["pairs"] == 200 and report["sources"] == {"data/external/politune-right.jsonl": 200}
+    shown = run(["dvc", "exp", "show", "--json"], root, env)
+    assert "politune-right.jsonl" in shown
+    run(["dvc", "exp", "remove", "byo"], root, env)  # the team tests list this baseline's experiments
+    run(["git", "checkout", "-q", "--", "."], root, env)
+    run(["dvc", "checkout", "-q"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env)

@@ -1,26 +1,20 @@
 """Team workflows against real servers on loopback: an `mlflow server`, a queued DVC sweep, `dvc metrics diff`
 between commits, and an S3 remote (moto's standalone server, as DVC's own tests use) with push, cache wipe, pull.
 
-One tiny pipeline is built once for the module; the tests then run in file order on it.
+They run in file order on the session's one tiny pipeline (tests/conftest.py), after the end-to-end tests.
 """
 
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from politune.serve import free_port
 from politune.tracking import repo_root
-from tests.conftest import copy_project
-from tests.test_pipeline_e2e import STAGES, ran, run, tiny_params
+from tests.conftest import STAGES, run
 
 FAKE_SECRET = "politune-fake-s3-secret-" + hashlib.sha256(os.urandom(8)).hexdigest()[:12]
 
@@ -32,68 +26,10 @@ def test_queued_experiment_copies_log_to_the_main_repository(monkeypatch, tmp_pa
     assert repo_root() == tmp_path / "repo"
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """An `mlflow server` (SQLite backend, proxied artifacts) and a moto S3 server, both on loopback."""
-    from politune.serve import stop
-
-    tmp = tmp_path_factory.mktemp("servers")
-    procs, urls = [], {}
-    bindir = Path(sys.executable).parent
-    mlflow_port, s3_port = free_port(), free_port()
-    specs = {
-        "mlflow": ([str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                    "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination",
-                    str(tmp / "artifacts"), "--workers", "1"], f"http://127.0.0.1:{mlflow_port}"),
-        "s3": ([str(bindir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], f"http://127.0.0.1:{s3_port}"),
-    }
-    try:
-        for name, (cmd, url) in specs.items():
-            log = tmp / f"{name}.log"
-            with log.open("wb") as fh:
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(proc)
-            wait_http(url + ("/health" if name == "mlflow" else "/"), proc, log)
-            urls[name] = url
-        yield urls
-    finally:
-        for proc in procs:
-            stop(proc)
-
-
-@pytest.fixture(scope="module")
-def team_repo(tmp_path_factory, smollm2_dir, servers):
-    """A tiny politune repo, run once and committed, tracking to the MLflow server."""
-    root = copy_project(tmp_path_factory.mktemp("team") / "repo")
-    params = tiny_params(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), smollm2_dir)
-    params["evaluate"]["trajectory"] = False
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP", "AWS_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               MLFLOW_TRACKING_URI=servers["mlflow"], POLITUNE_MLFLOW_EXPERIMENT="team")
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny politune"], root, env)
-    assert ran(run(["dvc", "repro"], root, env)) == STAGES
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "baseline results"], root, env)
-    return root, env
+def team_repo(pipeline):
+    """The session's tiny pipeline, reproduced and committed (tests/test_pipeline_e2e.py ran on it first)."""
+    return pipeline.root, pipeline.env
 
 
 @pytest.mark.slow
@@ -157,11 +93,12 @@ def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri=servers["mlflow"])
-    exp = client.get_experiment_by_name("team")
+    exp = client.get_experiment_by_name("pipeline")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"]
     names = {p.data.tags["dvc.exp_name"] for p in parents}
-    assert "workspace" in names and len(names) == 3, names  # dvc repro, and the two queued experiments
+    swept = names - {"workspace", "byo"}  # dvc repro, the end-to-end test's experiment, the two queued ones
+    assert "workspace" in names and len(swept) == 2, names
     by_id = {p.info.run_id: p for p in parents}
     children = [r for r in runs if "politune.stage" in r.data.tags]
     for child in children:
@@ -171,7 +108,7 @@ def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
     stages = {c.data.tags["politune.stage"]: c for c in children
               if c.data.tags["mlflow.parentRunId"] == workspace.info.run_id}
     assert set(stages) == STAGES
-    for queued in (p for p in parents if p.data.tags["dvc.exp_name"] != "workspace"):
+    for queued in (p for p in parents if p.data.tags["dvc.exp_name"] in swept):
         mine = {c.data.tags["politune.stage"] for c in children
                 if c.data.tags["mlflow.parentRunId"] == queued.info.run_id}
         assert mine == {"sft", "dpo", "evaluate", "judge"}, mine
