@@ -1,5 +1,6 @@
 """Failing services: the annotation endpoint dies mid-run; the stage fails clearly and leaves no partial output."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -12,14 +13,14 @@ import yaml
 
 from politune.ingest import ingest
 from politune import serve
-from tests.conftest import ROOT, SERVE_ENGINE
+from tests.conftest import PARAMS, ROOT, SERVE_ENGINE, section
 
 pytestmark = pytest.mark.slow
 
 
 def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    posts, _ = ingest(ROOT / "data" / "raw", params["ingest"])
+    params = copy.deepcopy(PARAMS)
+    posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
     pd.DataFrame(posts).to_parquet(tmp_path / "posts.parquet")
     url, server = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path / "serve.log")
     try:

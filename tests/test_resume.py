@@ -29,27 +29,30 @@ def test_checkpoints_of_another_run_are_discarded(tmp_path):
 ROWS = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
          "chosen": f"Cut taxes and regulations on issue {i}.",
          "rejected": f"Raise taxes and add regulations on issue {i}."} for i in range(24)]
-TRAIN = {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+# The tiny random model trains fast: enough steps that the run is still going when it is killed after checkpoint 2.
+TRAIN = {"max_steps": 16, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
          "max_length": 64, "save_steps": 2, "bf16": False}
 PARAMS = {"base": {"seed": 0}, "launch": {"training": "python"}, "recipe": {"dpo_start": "sft"}, "sft": TRAIN, "dpo": TRAIN,
           "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
                    "task_type": "CAUSAL_LM"}}
 
 
-def test_sft_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
+def test_sft_killed_after_checkpoint_resumes(tmp_path, tiny_model_dir):
     save(build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)["sft"], tmp_path / "sft")
-    kill_and_resume(tmp_path, ["stages.sft", "--model", str(smollm2_dir), "--data", "sft"])
+    kill_and_resume(tmp_path, ["stages.sft", "--model", str(tiny_model_dir), "--data", "sft"])
 
 
-def test_dpo_killed_after_checkpoint_resumes(tmp_path, smollm2_dir):
+def test_dpo_killed_after_checkpoint_resumes(tmp_path, tiny_model_dir):
     from politune import sft
 
     built = build(normalise(ROWS, "tiny"), seed=0, test_size=0.25)
     save(built["sft"], tmp_path / "sft")
     save(built["dpo"], tmp_path / "dpo")
-    sft.train(smollm2_dir, tmp_path / "sft", tmp_path / "sft_adapter", typed(**dict(PARAMS, sft=dict(TRAIN, max_steps=1))),
+    sft.train(tiny_model_dir, tmp_path / "sft", tmp_path / "sft_adapter",
+              typed(**dict(PARAMS, sft=dict(TRAIN, max_steps=1))),
               tmp_path / "sft_work")
-    kill_and_resume(tmp_path, ["stages.dpo", "--model", str(smollm2_dir), "--adapter", "sft_adapter", "--data", "dpo"])
+    kill_and_resume(tmp_path, ["stages.dpo", "--model", str(tiny_model_dir), "--adapter", "sft_adapter", "--data",
+                               "dpo"])
 
 
 def kill_and_resume(tmp_path, stage_args):
@@ -64,16 +67,16 @@ def kill_and_resume(tmp_path, stage_args):
     while not (ckpt / "checkpoint-2" / "trainer_state.json").exists():
         assert first.poll() is None, log.read_text(errors="replace")[-3000:]
         assert time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
     saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*"))
-    assert saved and saved[-1] < 8
+    assert saved and saved[-1] < TRAIN["max_steps"], "killed after the run ended: nothing to resume"
 
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from {ckpt / f'checkpoint-{saved[-1]}'}" in second.stderr
-    assert read_json(tmp_path / "metrics.json")["steps"] == 8
+    assert read_json(tmp_path / "metrics.json")["steps"] == TRAIN["max_steps"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not ckpt.exists(), "a finished run leaves no checkpoint to resume"
