@@ -69,9 +69,10 @@ def test_mlflow_mirrors_every_stage_under_one_parent(pipeline):
     client = mlflow.tracking.MlflowClient(tracking_uri=pipeline.env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("pipeline")
     runs = client.search_runs([exp.experiment_id], max_results=500)
+    first = run(["git", "rev-parse", "HEAD~1"], pipeline.root, pipeline.env).strip()  # the commit `dvc repro` ran on
     parents = [r for r in runs if r.data.tags.get("politune.role") == "pipeline"
-               and r.data.tags["dvc.exp_name"] == "workspace"]
-    assert len(parents) == 1
+               and r.data.tags["dvc.exp_name"] == "workspace" and r.data.tags["git.commit"] == first]
+    assert len(parents) == 1, "one parent run per pipeline run, its stages nested under it"
     by_stage = {r.data.tags["politune.stage"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(by_stage) == STAGES
