@@ -117,6 +117,8 @@ def test_bring_your_own_preference_data(pipeline):
     if not sample.exists():
         pytest.skip("../shared/reference/politune is not beside the project")
     (root / "data" / "external" / "politune-right.jsonl").write_bytes(sample.read_bytes())
+    # data/external is a dep of build_datasets: it reruns on the annotated source, the same datasets, nothing else.
+    assert ran(run(["dvc", "repro"], root, env)) == {"build_datasets"}
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "the PoliTune sample as external data"], root, env)
     out = run(["dvc", "exp", "run", "-n", "byo", "-S", "datasets.source=data/external/politune-right.jsonl"],
