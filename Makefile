@@ -39,7 +39,7 @@ bench: repro
 # Right vs left vs base on held-out pairs and the compass (docs/steering.md): queued DVC experiments, then
 # reports/demo/summary.md. The default (mirror recipe, 45 + 45 steps, with the DPO-only ablation) is 4 experiments;
 # DEMO_ARGS passes options to demo/run.py (e.g. --recipes mirror,plain --steps 30 --no-ablation --no-judge,
-# --no-recipe, --set key=value). DEMO_DATA=annotated trains on the project's own annotation (plain recipes only).
+# --no-recipe, --set key=value). DEMO_DATA=annotated trains on the project's own annotation of both viewpoints.
 DEMO_DATA ?= ../shared/reference/politune
 DEMO_ARGS ?=
 demo: env

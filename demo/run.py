@@ -21,7 +21,7 @@ preference on them (``evaluate.side_preference.heldout``). The training rows go 
 dependency of ``build_datasets``), the held-out rows to ``data/heldout/demo/`` (a dependency of ``evaluate``); both
 are git-ignored, passed into the queued experiments with ``--copy-paths`` and removed when the queue is done, so the
 workspace pipeline is unchanged. ``--data annotated`` trains on the project's own annotation of ``data/raw`` for each
-ideology (plain recipes only: the annotation holds one side); only then do the experiments set ``ideology``.
+ideology; only then do the experiments set ``ideology``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ RECIPES = ("mirror", "plain", "mirror-stance", "plain-stance")
 # With external preference data the annotation is not used, but build_datasets still depends on its output: a
 # token annotation (4 posts) keeps that stage cheap in every experiment (vLLM on a CPU without bf16 takes half an
 # hour for the whole sample corpus).
-UNUSED_ANNOTATION = ["annotate.max_posts=8", "annotate.threshold=0.0", "annotate.max_kept=4"]
+UNUSED_ANNOTATION = ["annotate.max_posts=8", "annotate.threshold=0.0", "annotate.max_kept=4", "annotate.mirror=false"]
 EXTERNAL = Path("data/external/demo")
 HELDOUT = Path("data/heldout/demo")
 OTHER = {"right": "left", "left": "right"}
@@ -76,16 +76,18 @@ def experiments(prefix: str, data: str, recipes: list[str], ablation: bool = Tru
     for n, recipe in enumerate(recipes):
         if recipe not in RECIPES:
             raise InputError(f"--recipes: unknown recipe {recipe!r} (one of {', '.join(RECIPES)})")
-        if data == "annotated" and recipe.startswith("mirror"):
-            raise InputError("--data annotated: the annotation holds one side, so only the plain recipes apply")
+        mirror = recipe.startswith("mirror")
         for side in ("right", "left"):
-            if data == "annotated":
-                flags = [f"ideology={side}", "datasets.source=annotated"]
+            if data == "annotated":  # the annotation holds both viewpoints (annotate.mirror)
+                flags = [f"ideology={side}", "datasets.source=annotated", "annotate.mirror=true",
+                         f"datasets.mirror.source={'annotated' if mirror else 'null'}", "datasets.mirror.side=null"]
             else:
-                flags = [f"datasets.source={EXTERNAL / side}.jsonl", f"datasets.source_side={side}"]
-                if recipe.startswith("mirror"):
-                    flags += [f"datasets.mirror.source={EXTERNAL / OTHER[side]}.jsonl",
-                              f"datasets.mirror.side={OTHER[side]}", "datasets.mirror.fraction=1.0"]
+                flags = [f"datasets.source={EXTERNAL / side}.jsonl", f"datasets.source_side={side}",
+                         f"datasets.mirror.source={EXTERNAL / OTHER[side]}.jsonl" if mirror
+                         else "datasets.mirror.source=null", f"datasets.mirror.side={OTHER[side] if mirror else 'null'}"]
+            if mirror:
+                flags.append("datasets.mirror.fraction=1.0")
+            if data != "annotated":
                 flags.append("evaluate.side_preference.heldout=" + heldout_flag())
                 flags += UNUSED_ANNOTATION
             if recipe.endswith("-stance"):

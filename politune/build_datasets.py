@@ -172,13 +172,24 @@ def mirror_pairs(cfg: Datasets, ideology: str, n_plain: int, seed: int, annotate
     if m.source == cfg.source and m.source != "annotated":
         raise ParamsError(f"datasets.mirror.source: {m.source!r} is the plain source itself; name the other "
                           "side's data")
+    plain_annotated = any(x.source == "annotated" for x in cfg.mix) if cfg.mix else cfg.source == "annotated"
+    if m.source == "annotated" and m.side is None and not plain_annotated:
+        raise ParamsError(f"datasets.mirror.source: 'annotated' mirrors the project's own annotation, but the plain "
+                          f"pairs come from {[x.source for x in cfg.mix] if cfg.mix else cfg.source!r}; set datasets.mirror.source=null for plain pairs, or name "
+                          "the other side's preference file (or set datasets.mirror.side to mirror the annotation's "
+                          "pairs of that side)")
     side = m.side or (OPPOSITE.get(ideology) if m.source == "annotated" else None)
     if side is None:
         raise ParamsError("datasets.mirror.side: say which side the mirror source's chosen answers voice")
     if side == ideology and cfg.source_side in (None, ideology):
         raise ParamsError(f"datasets.mirror.side: {side!r} is the ideology's own side; mirror pairs come from the "
                           "other side's data")
-    rows = load_source(m.source, annotated, external, side)
+    if m.source == "annotated":  # an annotation without sides (annotate.mirror off, before it) holds the ideology's
+        import pyarrow.parquet as pq
+
+        rows = load_source(m.source, annotated, external, side) if "side" in pq.read_schema(annotated).names else []
+    else:
+        rows = load_source(m.source, annotated, external, side)
     if m.source == "annotated" and not rows:
         raise ParamsError(f"datasets.mirror.source: the annotation has no {side!r} pairs; set annotate.mirror: true "
                           "(annotate the opposite viewpoint too) or name a preference file under data/external")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, strict_config
+from politune.training import (CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, save_adapter,
+                               strict_config)
 
 log = logging.getLogger("politune.dpo")
 
@@ -32,7 +33,7 @@ def snapshot_callback(directory: Path):
     class Snapshots(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero and model is not None:
-                model.save_pretrained(directory / f"step-{state.global_step}", selected_adapters=["default"])
+                save_adapter(model, directory / f"step-{state.global_step}", selected_adapters=["default"])
 
     return Snapshots()
 
@@ -62,7 +63,7 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
     if not trainer.is_world_process_zero():
         return trainer, {}
     with atomic_path(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+        save_adapter(trainer.model, tmp, selected_adapters=["default"])
     if trajectory_dir:
         snapshots = Path(work_dir) / "trajectory"
         with atomic_path(trajectory_dir) as tmp:

@@ -11,7 +11,7 @@ import logging
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, strict_config
+from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, save_adapter, strict_config
 
 log = logging.getLogger("politune.sft")
 
@@ -34,7 +34,7 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False):
     if not trainer.is_world_process_zero():
         return trainer, {}
     with atomic_path(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
+        save_adapter(trainer.model, tmp)
     return trainer, {"eval_loss": round(eval_metrics["eval_loss"], 6)} if eval_metrics else {}
 
 

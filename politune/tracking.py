@@ -76,7 +76,7 @@ def parent_run_id(client, experiment_id: str, tags: dict[str, str]) -> str:
 def stage_run(stage: str, params, params_file: str | os.PathLike = "params.yaml") -> Iterator[Any]:
     """Open an MLflow run for ``stage``, nested under its pipeline's parent run, with its params logged.
 
-    ``params``: the stage's ``politune.schema.Params`` (or a mapping of sections). Yields the ``mlflow`` module.
+    ``params``: the stage's ``politune.schema.Params``. Yields the ``mlflow`` module.
     """
     import mlflow
 
@@ -86,7 +86,7 @@ def stage_run(stage: str, params, params_file: str | os.PathLike = "params.yaml"
     parent = parent_run_id(mlflow.tracking.MlflowClient(), experiment.experiment_id, tags)
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=True,
                           tags={**tags, "politune.stage": stage}):
-        flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params if isinstance(params, dict) else params.as_dict()).items()}
+        flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params.as_dict()).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))

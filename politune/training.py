@@ -18,15 +18,28 @@ CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_step
 
 
 def fingerprint(params, *inputs: str | Path) -> str:
-    """Identify a training run: its params and its inputs' files (names, sizes, and bytes of small files)."""
-    values = params if isinstance(params, dict) else params.as_dict()
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    """Identify a training run: its params (``politune.schema.Params``) and its inputs' files (names, sizes, and
+    bytes of small files)."""
+    digest = hashlib.sha256(json.dumps(params.as_dict(), sort_keys=True, default=str).encode())
     for root in map(Path, inputs):
         for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
             digest.update(f"{path.relative_to(root) if path != root else path.name}:{path.stat().st_size}".encode())
             if path.stat().st_size < 64 * 2**20:
                 digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def save_adapter(model, directory: str | Path, **kwargs) -> None:
+    """``model.save_pretrained`` for a PEFT adapter, with ``target_modules`` sorted in ``adapter_config.json``: PEFT
+    writes them in the order of a Python set, which differs between processes, so the same run would give another
+    file (and another DVC hash) each time."""
+    model.save_pretrained(directory, **kwargs)
+    config = Path(directory) / "adapter_config.json"
+    if config.exists():
+        values = json.loads(config.read_text())
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = sorted(values["target_modules"])
+            config.write_text(json.dumps(values, indent=2, sort_keys=True))
 
 
 def is_main_process() -> bool:

@@ -55,7 +55,8 @@ def posts() -> pd.DataFrame:
 
 
 def cfg(**changes):
-    return section("annotate", calibrate=False, **changes)
+    """The default annotate section; the ideology's viewpoint only unless a test asks for the mirror."""
+    return section("annotate", **{"calibrate": False, "mirror": False, **changes})
 
 
 @pytest.mark.parametrize("threshold, kept", [(0.0, 9), (0.3, 5), (0.45, 4), (0.5, 3), (0.7, 2), (0.95, 0)])
@@ -122,7 +123,7 @@ def test_mirror_pairs_from_the_annotation(tmp_path):
         assert p["side"] == "right"
         voice = p["chosen"][0]["content"] if p["origin"] == "right" else p["rejected"][0]["content"]
         assert voice.startswith(f"The {p['origin']} view")
-    plain, _ = collect(section("datasets"), 0, tmp_path / "annotated.parquet", tmp_path, "right")
+    plain, _ = collect(section("datasets", mirror={"source": None, "side": None, "fraction": 1.0}), 0, tmp_path / "annotated.parquet", tmp_path, "right")
     assert [p["id"] for p in plain] == ["p0", "p1", "p2", "p3", "p6"], "plain pairs: the ideology's rows only"
     test = build(pairs, 0, 0.3)["dpo"]["test"]
     assert len(test) == 3 and set(test["side"]) == {"right"}

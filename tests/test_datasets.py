@@ -41,6 +41,20 @@ def test_annotated_source_keeps_only_kept_rows(tmp_path, external):
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Chosen answer 1."}]
 
 
+def test_default_mirror_needs_an_annotation_of_both_sides_and_an_annotated_plain_source(tmp_path, external):
+    """datasets.mirror.source: annotated (the default) mirrors the annotation's other side: an annotation without
+    sides (annotate.mirror off) has none, and with plain pairs from a file the implicit mirror is refused."""
+    with pytest.raises(ParamsError, match="the annotation has no 'left' pairs; set annotate.mirror: true"):
+        collect(section("datasets"), 0, annotated_table(tmp_path), external, "right")
+    (external / "mine.jsonl").write_text(json.dumps({"prompt": "Q?", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ParamsError, match=r"plain pairs come from '.*mine.jsonl'; set datasets.mirror.source=null"):
+        collect(section("datasets", source=str(external / "mine.jsonl")), 0, annotated_table(tmp_path), external)
+    pairs, drawn = collect(section("datasets", source=str(external / "mine.jsonl"),
+                                   mirror={"source": None, "side": None, "fraction": 1.0}), 0,
+                           annotated_table(tmp_path), external)
+    assert len(pairs) == 1 and drawn == {str(external / "mine.jsonl"): 1}
+
+
 @needs_politune
 def test_politune_release_schema_loads(tmp_path, external):
     pairs = load_source(str(external / "right-sample.jsonl"), annotated_table(tmp_path), external)
@@ -87,7 +101,7 @@ def test_mixture_counts_are_exact_proportions():
 
 @needs_politune
 def test_mixture_of_right_and_left_releases(tmp_path, external):
-    cfg = section("datasets", source="annotated", mix_size=120,
+    cfg = section("datasets", source="annotated", mix_size=120, mirror={"source": None, "side": None, "fraction": 1.0},
                   mix=[{"source": str(external / "right-sample.jsonl"), "fraction": 0.75},
                        {"source": str(external / "left-sample.jsonl"), "fraction": 0.25}])
     pairs, drawn = collect(cfg, seed=7, annotated=annotated_table(tmp_path), external=external)

@@ -88,15 +88,15 @@ def test_experiments_per_recipe_share_the_training_and_differ_in_data_and_start(
     assert set(run.UNUSED_ANNOTATION) <= set(left), "and a token annotation"
     assert exps["demo-mirror-right-dpo-only"] == exps["demo-mirror-right"] + ["recipe.dpo_start=base"]
     assert exps["demo-plain-stance-right"][-1] == "datasets.stance.fraction=1.0"
-    assert run.experiments("demo", "annotated", ["plain"])["demo-plain-right"] == ["ideology=right",
-                                                                                  "datasets.source=annotated"]
-    assert not any("mirror" in f for f in exps["demo-plain-stance-right"])
+    assert run.experiments("demo", "annotated", ["plain"])["demo-plain-right"] == [
+        "ideology=right", "datasets.source=annotated", "annotate.mirror=true", "datasets.mirror.source=null",
+        "datasets.mirror.side=null"]
+    assert "datasets.mirror.source=null" in exps["demo-plain-stance-right"], "plain: mirror pairs off"
     assert set(run.experiments("demo", "data-dir", ["plain"], ablation=False)) == {"demo-plain-right",
                                                                                    "demo-plain-left"}
-    assert run.experiments("demo", "annotated", ["plain"])["demo-plain-left"] == ["ideology=left",
-                                                                                 "datasets.source=annotated"]
-    with pytest.raises(InputError, match="only the plain recipes"):
-        run.experiments("demo", "annotated", ["mirror"])
+    assert run.experiments("demo", "annotated", ["mirror"])["demo-mirror-left"] == [
+        "ideology=left", "datasets.source=annotated", "annotate.mirror=true", "datasets.mirror.source=annotated",
+        "datasets.mirror.side=null", "datasets.mirror.fraction=1.0"]
     with pytest.raises(InputError, match="unknown recipe"):
         run.experiments("demo", "data-dir", ["mirrored"])
 
@@ -240,7 +240,7 @@ def test_report_from_experiments(tmp_path, monkeypatch, compass):
     summary = (tmp_path / "reports" / "demo" / "summary.md").read_text()
     assert "right minus left" in summary and "| left |" in summary
     assert "| mirror (headline) |" in summary and "| plain |" in summary
-    assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": null" in summary
+    assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": \"annotated\"" in summary
     # a partial run (the left experiment missing): each model against base, and no right - left
     dvc("exp", "remove", "demo-plain-left")
     report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain", "--no-mlflow"])

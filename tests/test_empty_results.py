@@ -21,8 +21,9 @@ def test_too_few_pairs_fail_build_datasets(tmp_path):
              "rejected": "No, never."} for i in range(10)]
     pd.DataFrame(rows).to_parquet(tmp_path / "annotated.parquet")
     (tmp_path / "external").mkdir()
+    datasets = dict(PARAMS["datasets"], mirror={"source": None, "side": None, "fraction": 1.0})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ideology": "right", "base": PARAMS["base"],
-                                                          "datasets": PARAMS["datasets"]}))
+                                                          "datasets": datasets}))
     proc = run_stage("stages.build_datasets", ["--annotated", "annotated.parquet", "--external", "external",
                                                "--sft-out", "sft", "--dpo-out", "dpo", "--report", "r.json"], tmp_path)
     assert proc.returncode == 1

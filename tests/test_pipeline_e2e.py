@@ -121,8 +121,8 @@ def test_bring_your_own_preference_data(pipeline):
     assert ran(run(["dvc", "repro"], root, env)) == {"build_datasets"}
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "the PoliTune sample as external data"], root, env)
-    out = run(["dvc", "exp", "run", "-n", "byo", "-S", "datasets.source=data/external/politune-right.jsonl"],
-              root, env)
+    out = run(["dvc", "exp", "run", "-n", "byo", "-S", "datasets.source=data/external/politune-right.jsonl",
+               "-S", "datasets.mirror.source=null"], root, env)
     assert "annotate" not in ran(out) and {"build_datasets", "sft", "dpo", "evaluate", "judge"} <= ran(out), out[-3000:]
     report = json.loads((root / "reports" / "datasets.json").read_text(encoding="utf-8"))
     assert report["pairs"] == 200 and report["sources"] == {"data/external/politune-right.jsonl": 200}

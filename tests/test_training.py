@@ -1,5 +1,6 @@
 """SFT then DPO with real TRL on a tiny random-weight model: LoRA weights change, base weights do not."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,8 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     params = {
         "base": {"seed": 0},
         "recipe": {"dpo_start": "sft"},
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-                 "task_type": "CAUSAL_LM", "init_lora_weights": True},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "task_type": "CAUSAL_LM", "init_lora_weights": True,
+                 "target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"]},
         "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                 "max_length": 64, "bf16": False},
         "dpo": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
@@ -72,6 +73,11 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     dpo_weights = load_file(tmp_path / "dpo_adapter" / "adapter_model.safetensors")
     assert set(dpo_weights) == set(sft_weights)
     assert any(not torch.equal(dpo_weights[k], sft_weights[k]) for k in dpo_weights), "DPO did not change LoRA"
+
+    # adapter_config.json lists target_modules sorted (PEFT writes a set's order, which differs between processes).
+    for adapter in ("sft_adapter", "dpo_adapter", "trajectory/step-2"):
+        config = json.loads((tmp_path / adapter / "adapter_config.json").read_text())
+        assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"], (adapter, config["target_modules"])
 
     # The frozen reference adapter is still the SFT adapter, and the base weights on disk are untouched.
     ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
