@@ -20,8 +20,7 @@ from pathlib import Path
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import (CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, save_adapter,
-                               strict_config)
+from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, save_adapter, strict_config
 
 log = logging.getLogger("politune.dpo")
 
