@@ -184,13 +184,17 @@ class Pipeline:
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, smollm2_dir, tiny_model_dir, servers) -> Pipeline:
+def pipeline(tmp_path_factory, smollm2_dir, tiny_model_dir, servers, vllm_server) -> Pipeline:
     """A tiny politune repository (git + DVC), reproduced once with MLflow tracking to the server and committed.
-    Shared by the end-to-end and the team tests, which run in that order and leave it at a commit."""
+    Shared by the end-to-end and the team tests, which run in that order and leave it at a commit. Its judge is the
+    session's `vllm serve` of SmolLM2 (``judge.endpoint.base_url``), so no judge run starts a server of its own
+    (tests/test_judge.py tests the stage's own server)."""
     import yaml
 
     root = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
     params = tiny_params(read_yaml(root / "params.yaml"), smollm2_dir, tiny_model_dir)
+    url, name, _ = vllm_server
+    params["judge"]["endpoint"].update(base_url=url, model=name)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP", "AWS_"))}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",

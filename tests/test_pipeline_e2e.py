@@ -1,5 +1,5 @@
 """End to end on one tiny git+DVC repository (the session's ``pipeline``): real vLLM annotation, real TRL training,
-the compass and side preference, a real `vllm serve` judge, MLflow tracking to a real server. The tests run in file
+the compass and side preference, the judge through the session's real `vllm serve`, MLflow tracking to a real server. The tests run in file
 order on that repository and leave it at a commit for tests/test_team.py."""
 
 import json
