@@ -28,8 +28,16 @@ def load_tokenizer(model_dir: str | Path, padding_side: str | None = None):
     return tokenizer
 
 
+def device() -> str:
+    """Where the evaluated models run: the GPU when there is one (in fp32 as on CPU), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path]):
-    """Return (model, tokenizer): the base model with each named adapter loaded (none active outside ``use``)."""
+    """Return (model, tokenizer): the base model with each named adapter loaded (none active outside ``use``), on
+    ``device()``."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -42,7 +50,7 @@ def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path]):
         for name, path in rest:
             model.load_adapter(str(path), adapter_name=name)
         model.eval()
-    return model, tokenizer
+    return model.to(device()), tokenizer
 
 
 @contextlib.contextmanager
@@ -79,9 +87,9 @@ def option_logprobs(model, tokenizer, prompts: list[str], option_ids: list[int],
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             texts = chat_texts(tokenizer, prompts[start : start + batch_size])
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             logits = model(**enc).logits[:, -1, :].float()
-            out.append(torch.log_softmax(logits[:, option_ids], dim=-1).numpy())
+            out.append(torch.log_softmax(logits[:, option_ids], dim=-1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -99,14 +107,14 @@ def generate_chats(model, tokenizer, chats: list[list[dict[str, str]]], max_new_
         for start in range(0, len(chats), batch_size):
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in chats[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             if seed is not None:
                 torch.manual_seed(seed + start)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=None, top_k=None,
                                  logits_processor=processors() if processors else None,
                                  pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, enc["input_ids"].shape[1] :]:
+            for row in out[:, enc["input_ids"].shape[1] :].cpu():
                 row = row[row != tokenizer.pad_token_id]
                 out_rows.append((tokenizer.decode(row, skip_special_tokens=True), int(len(row))))
     return out_rows
@@ -167,6 +175,7 @@ def continuation_logprobs(model, tokenizer, prompts: list[list[dict[str, str]]],
                 ids[r, width - len(p) - len(a) :] = torch.tensor(p + a)
                 mask[r, width - len(p) - len(a) :] = 1
                 target[r, keep - 1 - len(a) :] = True
+            ids, mask, target = ids.to(model.device), mask.to(model.device), target.to(model.device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, width - keep + 1 :, None])[..., 0]

@@ -6,7 +6,8 @@ separate processes, so the parent is found again by a key: the DVC experiment na
 ``dvc repro`` or ``dvc exp run`` shares that key; a changed params file starts a new parent. Tags on both:
 ``git.commit``, ``dvc.exp_name``; stage runs carry ``politune.stage``.
 
-The tracking URI is ``MLFLOW_TRACKING_URI`` when set (an ``mlflow server`` shared by a team), else a SQLite file at
+``POLITUNE_MLFLOW=off`` turns the mirror off (a machine without MLflow installed, a throw-away run): the stages
+then write their DVC outputs only. The tracking URI is ``MLFLOW_TRACKING_URI`` when set (an ``mlflow server`` shared by a team), else a SQLite file at
 the repository root (git-ignored). Queued experiments run in temporary copies under ``.dvc/tmp/exps/``; their
 default store is still the main repository's, so the runs are not lost with the copy.
 """
@@ -45,6 +46,10 @@ def repo_root() -> Path:
     return root
 
 
+def enabled() -> bool:
+    return os.environ.get("POLITUNE_MLFLOW", "on").lower() not in ("off", "0", "false")
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
@@ -76,8 +81,12 @@ def parent_run_id(client, experiment_id: str, tags: dict[str, str]) -> str:
 def stage_run(stage: str, params, params_file: str | os.PathLike = "params.yaml") -> Iterator[Any]:
     """Open an MLflow run for ``stage``, nested under its pipeline's parent run, with its params logged.
 
-    ``params``: the stage's ``politune.schema.Params``. Yields the ``mlflow`` module.
+    ``params``: the stage's ``politune.schema.Params``. Yields the ``mlflow`` module, or None when the mirror is
+    off (``POLITUNE_MLFLOW=off``).
     """
+    if not enabled():
+        yield None
+        return
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -96,12 +105,14 @@ def stage_run(stage: str, params, params_file: str | os.PathLike = "params.yaml"
 def log_metrics(mlflow: Any, metrics: dict[str, Any], step: int | None = None) -> None:
     """Log the numeric leaves of a (nested) metrics dict."""
     flat = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if flat:
+    if flat and mlflow is not None:
         mlflow.log_metrics(flat, step=step)
 
 
 def log_artifacts(mlflow: Any, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     path = Path(path)
+    if mlflow is None:
+        return
     if path.is_dir():
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
     elif path.exists():

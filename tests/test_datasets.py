@@ -160,3 +160,27 @@ def test_stance_pairs_come_from_their_own_split_and_never_from_the_compass(exter
             want = ("3", "0") if field == "chosen" else ("0", "3")
             assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == want
             assert not any(item["statement"] in text for item in compass["items"])
+
+
+@pytest.mark.parametrize("mirror", ["on", "off"])
+def test_stage_mirrors_to_mlflow_unless_turned_off(tmp_path, external, mirror):
+    """POLITUNE_MLFLOW=off: the stage writes its DVC outputs and opens no MLflow store."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import PARAMS
+
+    annotated_table(tmp_path, n=30)
+    datasets = dict(PARAMS["datasets"], mirror={"source": None, "side": None, "fraction": 1.0}, min_pairs=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ideology": "right", "base": PARAMS["base"],
+                                                          "datasets": datasets}), encoding="utf-8")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "POLITUNE_MLFLOW": mirror}
+    proc = subprocess.run([sys.executable, "-m", "stages.build_datasets", "--annotated", "annotated.parquet",
+                           "--external", str(external), "--sft-out", "sft", "--dpo-out", "dpo", "--report", "r.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["pairs"] == 20
+    assert (tmp_path / "mlflow.db").exists() == (mirror == "on")
