@@ -9,7 +9,8 @@ Reads the outputs of the demo's DVC experiments through ``dvc.api`` (``exp_show`
   with a paired bootstrap interval over propositions and a sign-flip permutation p-value, and the judge's scores;
 - ``<out>/summary.md``: the same as tables;
 
-and logs them to MLflow as a run ``demo`` (tag ``politune.role=demo``).
+and logs them to MLflow as a run ``demo`` (tag ``politune.role=demo``). With ``--runs DIR`` it reads the same files
+from the experiments ``demo.sweep`` ran without DVC (``DIR/<experiment>/reports/...``, ``DIR/sweep.json``).
 
 The shift test works on the per-proposition answers (the argmax after averaging the paraphrases' probabilities) and
 on the expected-answer coordinates: the paired bootstrap resamples propositions and paraphrases (the same draw for
@@ -51,6 +52,16 @@ COMPARISONS = [  # (name, a, b): the shift a - b
 ]
 
 
+# ``--runs DIR``: the experiments are folders written by ``demo.sweep``; ``read_at`` reads DIR/<experiment>/<path>.
+RUNS: Path | None = None
+
+
+def run_dirs(prefix: str) -> dict[str, tuple[str, str]]:
+    """``{suffix: (experiment name, name)}`` of the ``demo.sweep`` folders ``<prefix>-<suffix>`` in ``RUNS``."""
+    return {d.name[len(prefix) + 1:]: (d.name, d.name) for d in sorted(RUNS.iterdir())
+            if d.is_dir() and d.name.startswith(prefix + "-") and (d / "reports" / "metrics.json").is_file()}
+
+
 def _dvc_error(exc: Exception, what: str) -> InputError:
     return InputError(f"{what}: {type(exc).__name__}: {exc}")
 
@@ -80,7 +91,12 @@ def experiment_revs(prefix: str, cwd: str | Path = ".", baseline: str = "HEAD") 
 
 
 def read_at(rev: str, path: str, cwd: str | Path = ".") -> str:
-    """A file of an experiment (by name) or commit, through ``dvc.api.read``."""
+    """A file of an experiment (by name) or commit, through ``dvc.api.read`` (from its folder with ``RUNS``)."""
+    if RUNS is not None:
+        file = RUNS / rev / path
+        if not file.is_file():
+            raise InputError(f"{file}: no such file")
+        return file.read_text(encoding="utf-8")
     import dvc.api
 
     try:
@@ -468,13 +484,22 @@ def main(argv=None) -> None:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--runs", help="read the experiments demo.sweep ran into this folder, not DVC's")
     args = parser.parse_args(argv)
-    baseline = baseline_rev(args.baseline)
+    global RUNS
+    RUNS = Path(args.runs) if args.runs else None
+    if RUNS is not None:
+        if not (RUNS / "sweep.json").is_file():
+            raise InputError(f"--runs {RUNS}: no sweep.json (run `python -m demo.sweep --out {RUNS}` first)")
+        sweep = json.loads((RUNS / "sweep.json").read_text(encoding="utf-8"))
+        baseline, source = sweep["commit"], f"`demo.sweep` runs without DVC on {sweep['machine']}"
+    else:
+        baseline, source = baseline_rev(args.baseline), "the demo's DVC experiments"
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     reports, revs_all, compass, twins = {}, {}, None, None
     for recipe in recipes:
         prefix = f"{args.prefix}-{recipe}"
-        revs = experiment_revs(prefix, baseline=baseline)
+        revs = run_dirs(prefix) if RUNS is not None else experiment_revs(prefix, baseline=baseline)
         if "right" not in revs and "left" not in revs:
             if recipe == recipes[0]:
                 raise InputError(f"no experiments {prefix}-right and {prefix}-left on {baseline[:7]} "
@@ -502,7 +527,7 @@ def main(argv=None) -> None:
     plot(report, out / "compass.png", f"PoliTune demo ({headline}): base -> right / left (SFT -> DPO)")
     shown = f"{args.prefix}-{headline}-right"
     shown = shown if shown in revs_all else next(n for n in revs_all if n.startswith(f"{args.prefix}-{headline}-"))
-    text = (f"# PoliTune demo: right vs left\n\nWritten by `demo/report.py` from the demo's DVC experiments "
+    text = (f"# PoliTune demo: right vs left\n\nWritten by `demo/report.py` from {source} "
             f"(recipe `{headline}`; baseline `{baseline[:7]}`).\n\n## Verdict\n\n{verdict(report)}\n"
             f"## Every recipe tried\n\n{recipes_markdown(report['recipes'], headline)}\n"
             f"## Headline recipe ({headline})\n\n{markdown(report)}\n"

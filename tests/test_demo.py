@@ -11,6 +11,7 @@ import pytest
 from demo import report, run
 from politune.common import InputError
 from politune.compass import load_compass
+from politune.common import read_yaml as yaml_load
 from tests.conftest import ROOT
 
 COMPASS = ROOT / "data" / "compass" / "political_compass.json"
@@ -274,3 +275,64 @@ def test_base_answers_must_agree_across_experiments(compass):
                         "answers": [{"base_answer": b[i], "sft_answer": 0, "dpo_answer": 0} for i in range(62)]}
     with pytest.raises(InputError, match="base model answers differently"):
         report.collect(exps)
+
+
+def test_sweep_flags_follow_dvc_overrides():
+    from demo import sweep
+
+    params = {"lora": {"r": 16, "target_modules": ["q_proj"]}, "datasets": {"mirror": {"source": "annotated"}},
+              "dpo": {"learning_rate": 5e-5}, "evaluate": {"side_preference": {"heldout": []}}}
+    sweep.apply_overrides(params, ["lora.r=4", "lora.target_modules=[q_proj,v_proj]", "datasets.mirror.source=null",
+                                   "dpo.learning_rate=1e-4", run.heldout_flag().join(
+                                       ["evaluate.side_preference.heldout=", ""])])
+    assert params["lora"] == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    assert params["datasets"]["mirror"]["source"] is None and params["dpo"]["learning_rate"] == 1e-4
+    assert params["evaluate"]["side_preference"]["heldout"][1] == {"path": "data/heldout/demo/left.jsonl",
+                                                                   "side": "left"}
+    with pytest.raises(InputError, match="no params key 'lora.rank'"):
+        sweep.apply_overrides(params, ["lora.rank=4"])
+    cmds = sweep.stage_commands(ROOT / "dvc.yaml", {"launch": {"training": "python"}}, ROOT / "runs" / "x")
+    assert [c[2] for c in cmds] == ["stages.build_datasets", "stages.sft", "stages.dpo", "stages.evaluate"]
+    evaluate = cmds[-1]
+    arg = {evaluate[i]: evaluate[i + 1] for i in range(3, len(evaluate) - 1, 2)}
+    assert arg["--params"] == str(ROOT / "runs" / "x" / "params.yaml")
+    assert arg["--model"] == "models/target" and arg["--compass"] == "data/compass/political_compass.json"
+    assert arg["--sft"] == str(ROOT / "runs" / "x" / "models" / "sft")
+    assert arg["--pairs"] == str(ROOT / "runs" / "x" / "data" / "datasets" / "dpo")
+    assert arg["--metrics"] == str(ROOT / "runs" / "x" / "reports" / "metrics.json")
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_stages_without_dvc_and_the_report_reads_it(tmp_path, monkeypatch, tiny_model_dir):
+    """demo.sweep: an experiment through the stages' own commands on plain folders (no DVC, MLflow off); the
+    report reads it with --runs (one side only: each model against base)."""
+    from demo import sweep
+    from tests.conftest import copy_project
+
+    root = copy_project(tmp_path / "repo")
+    shutil.copytree(tiny_model_dir, root / "models" / "target")
+    data = tmp_path / "data"
+    data.mkdir()
+    for side, other in (("right", "left"), ("left", "right")):
+        rows = [{"prompt": f"Question {i}?", "chosen": f"The {side} answer {i}.", "rejected": f"The {other} answer {i}."}
+                for i in range(24)]
+        (data / f"{side}-sample.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.chdir(root)
+    small = ["sft.per_device_train_batch_size=2", "dpo.per_device_train_batch_size=2", "evaluate.bootstrap=50",
+             "evaluate.balanced=false", "evaluate.templates=[\"{statement} Answer 0-3:\"]", "dpo.use_cpu=true"]
+    sweep.main(["--data", str(data), "--heldout", "4", "--steps", "2", "--no-ablation", "--only", "demo-mirror-right",
+                "--out", "runs", "--commit", "abc1234", *[x for s in small for x in ("--set", s)]])
+    record = json.loads((root / "runs" / "sweep.json").read_text())
+    assert set(record["experiments"]) == {"demo-mirror-right"} and record["commit"] == "abc1234"
+    assert list(record["experiments"]["demo-mirror-right"]["stages"]) == list(sweep.STAGES)
+    run_dir = root / "runs" / "demo-mirror-right"
+    params = yaml_load(run_dir / "params.yaml")
+    assert params["sft"]["max_steps"] == 2 and params["datasets"]["mirror"]["side"] == "left"
+    assert (run_dir / "models" / "dpo" / "adapter_model.safetensors").is_file()
+    assert not (root / "models" / "dpo").exists() and not (root / "mlflow.db").exists(), "outputs stay in the run"
+    metrics = json.loads((run_dir / "reports" / "metrics.json").read_text())
+    assert set(metrics["dpo"]["side_preference"]) == {"right_data", "left_data"}
+    report.main(["--runs", "runs", "--bootstrap", "50", "--permutations", "50", "--no-mlflow"])
+    summary = (root / "reports" / "demo" / "summary.md").read_text()
+    assert "`demo.sweep` runs without DVC" in summary and "baseline `abc1234`" in summary
+    assert "right minus base" in summary and "right minus left" not in summary
