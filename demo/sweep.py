@@ -25,7 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from demo.run import EXTERNAL, HELDOUT, RECIPES, experiments, settings, split_files
@@ -145,17 +145,21 @@ def main(argv=None) -> None:
     if not commit:
         got = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
         commit = got.stdout.strip() if got.returncode == 0 else "unknown"
-    record = {"commit": commit, "machine": machine(), "recipes": recipes, "experiments": {}}
+    # Written first and after each experiment, so a sweep stopped midway still records what it finished.
+    record = {"commit": commit, "machine": machine(), "recipes": recipes, "planned": list(exps), "experiments": {},
+              "seconds": None}
+    write_json(out / "sweep.json", record)
     started = time.monotonic()
+    failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {name: pool.submit(run_experiment, name, flags, Path(args.params), out)
+        futures = {pool.submit(run_experiment, name, flags, Path(args.params), out): name
                    for name, flags in exps.items()}
-        failed = []
-        for name, future in futures.items():
+        for future in as_completed(futures):
             try:
-                record["experiments"][name] = future.result()
+                record["experiments"][futures[future]] = future.result()
             except InputError as exc:
                 failed.append(str(exc))
+            write_json(out / "sweep.json", record)
     record["seconds"] = round(time.monotonic() - started, 1)
     write_json(out / "sweep.json", record)
     print(json.dumps({k: v for k, v in record.items() if k != "experiments"}), flush=True)
