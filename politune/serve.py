@@ -51,13 +51,15 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
 
 
 def engine_args(engine: dict[str, Any]) -> list[str]:
-    """``{max_model_len: 2048, enforce_eager: true}`` -> ``--max-model-len 2048 --enforce-eager``."""
+    """``{max_model_len: 2048, enforce_eager: true, enable_chunked_prefill: false}`` -> ``--max-model-len 2048
+    --enforce-eager --no-enable-chunked-prefill`` (vLLM's boolean config flags all have a ``--no-`` form); null is
+    left out (vLLM's default)."""
     args: list[str] = []
     for key, value in engine_options(engine)[1].items():
-        if value is None or value is False:
+        if value is None:
             continue
         flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+        args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
     return args
 
 

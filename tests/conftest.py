@@ -88,7 +88,7 @@ def copy_project(dest: Path) -> Path:
 
 
 SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.5,
-                "cpu_kvcache_space_gib": 1}
+                "enable_chunked_prefill": False, "cpu_kvcache_space_gib": 1}
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them an
 
 
 def test_engine_args_become_server_flags():
-    assert engine_args({"max_model_len": 2048, "enforce_eager": True, "trust_remote_code": False,
+    assert engine_args({"max_model_len": 2048, "enforce_eager": True, "enable_chunked_prefill": False,
                         "cpu_kvcache_space_gib": 1, "quantization": None, "tensor_parallel_size": 4}) == [
-        "--max-model-len", "2048", "--enforce-eager", "--tensor-parallel-size", "4"]
+        "--max-model-len", "2048", "--enforce-eager", "--no-enable-chunked-prefill", "--tensor-parallel-size", "4"]
 
 
 def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
