@@ -42,13 +42,17 @@ def test_reports(pipeline):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
         assert -10 <= metrics[model]["economic"] <= 10 and -10 <= metrics[model]["social"] <= 10
         assert -1 <= metrics[model]["balanced"]["agreement_bias"] <= 1
-        side = metrics[model]["side_preference"]["right_data"]  # annotated pairs: the ideology's side only
-        assert side["pairs"] >= 1 and side["shift_ci_low"] <= side["shift"] <= side["shift_ci_high"]
+        # The DPO test split's pairs: the ideology's, and the mirrored opposite's where the split drew any.
+        assert "right_data" in metrics[model]["side_preference"]
+        assert set(metrics[model]["side_preference"]) <= {"right_data", "left_data"}
+        for side in metrics[model]["side_preference"].values():
+            assert side["pairs"] >= 1 and side["shift_ci_low"] <= side["shift"] <= side["shift_ci_high"]
     assert metrics["base"]["side_preference"]["right_data"]["shift"] == 0
     assert (root / "reports" / "compass.png").stat().st_size > 10_000
     assert len((root / "reports" / "compass_twin_answers.csv").read_text(encoding="utf-8").splitlines()) == 63
     side_plot = json.loads((root / "reports" / "side_preference.json").read_text(encoding="utf-8"))
-    assert {(r["model"], r["data_side"]) for r in side_plot} == {(m, "right_data") for m in ("base", "sft", "dpo")}
+    assert {(r["model"], r["data_side"]) for r in side_plot} == {(m, side) for m in ("base", "sft", "dpo")
+                                                                  for side in metrics["dpo"]["side_preference"]}
     trajectory = json.loads((root / "reports" / "trajectory.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in trajectory] == [0, 1, 2]  # the SFT start, then every dpo.save_steps
     assert trajectory[0]["economic"] == metrics["sft"]["economic"]
@@ -60,6 +64,10 @@ def test_reports(pipeline):
     assert len((root / "reports" / "judge_answers.csv").read_text(encoding="utf-8").splitlines()) >= 10
     annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
     assert annotation["kept"] + annotation["dropped"] + annotation["invalid"] == annotation["posts_in"] == 16
+    # annotate.mirror (the default): the opposite viewpoint is annotated too, and its pairs are mirrored in.
+    assert set(annotation["kept_by_side"]) == {"right", "left"}, annotation["kept_by_side"]
+    datasets = json.loads((root / "reports" / "datasets.json").read_text(encoding="utf-8"))
+    assert datasets["sources"]["mirror:annotated"] == annotation["kept_by_side"]["left"], datasets
     assert "economic" in run(["dvc", "metrics", "show", "--json"], root, env)
 
 
