@@ -157,10 +157,10 @@ def wait_for_queue(timeout: float) -> str:
         time.sleep(10)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/reference/politune",
-                        help="'annotated', or a folder with the right and left preference files")
+def experiment_parser(description: str, data_help: str) -> argparse.ArgumentParser:
+    """The options that choose the demo's experiments and data (``make demo`` and ``demo.sweep``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default="../shared/reference/politune", help=data_help)
     parser.add_argument("--right-file", default="right-sample.jsonl")
     parser.add_argument("--left-file", default="left-sample.jsonl")
     parser.add_argument("--heldout", type=int, default=60, help="rows of each file held out for the side preference")
@@ -168,10 +168,16 @@ def main(argv=None) -> None:
                         help=f"comma-separated data recipes, the headline first ({', '.join(RECIPES)})")
     parser.add_argument("--no-ablation", action="store_true", help="skip the DPO-without-SFT experiments")
     parser.add_argument("--steps", type=int, help="SFT and DPO steps (default: the training recipe's 45)")
-    parser.add_argument("--no-judge", action="store_true",
-                        help="run the pipeline up to evaluate only (the report then has no judge scores)")
     parser.add_argument("--prefix", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params (-S)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = experiment_parser(__doc__.splitlines()[0],
+                               "'annotated', or a folder with the right and left preference files")
+    parser.add_argument("--no-judge", action="store_true",
+                        help="run the pipeline up to evaluate only (the report then has no judge scores)")
     parser.add_argument("--no-recipe", action="store_true",
                         help="train with params.yaml as it is (e.g. after a paper profile), not the CPU recipe")
     parser.add_argument("--jobs", type=int, default=1, help="queue workers running experiments side by side")

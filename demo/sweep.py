@@ -17,7 +17,6 @@ MLflow is off (``POLITUNE_MLFLOW=off``) and the judge is not run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from demo.run import EXTERNAL, HELDOUT, RECIPES, experiments, settings, split_files
+from demo.run import experiment_parser, experiments, settings, split_files
 from politune.common import InputError, read_yaml, run_main, write_json
 
 STAGES = ("build_datasets", "sft", "dpo", "evaluate")
@@ -108,18 +107,7 @@ def machine() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/reference/politune",
-                        help="a folder with the right and left preference files")
-    parser.add_argument("--right-file", default="right-sample.jsonl")
-    parser.add_argument("--left-file", default="left-sample.jsonl")
-    parser.add_argument("--heldout", type=int, default=60, help="rows of each file held out for the side preference")
-    parser.add_argument("--recipes", default="mirror",
-                        help=f"comma-separated data recipes, the headline first ({', '.join(RECIPES)})")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the DPO-without-SFT experiments")
-    parser.add_argument("--steps", type=int, help="SFT and DPO steps (default: the training recipe's 45)")
-    parser.add_argument("--prefix", default="demo")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params (-S)")
+    parser = experiment_parser(__doc__.splitlines()[0], "a folder with the right and left preference files")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="runs", help="one folder per experiment")
     parser.add_argument("--jobs", type=int, default=1, help="experiments side by side")
