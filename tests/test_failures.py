@@ -1,7 +1,9 @@
-"""Failing services: the annotation endpoint dies mid-run; the stage fails clearly and leaves no partial output."""
+"""Failing services: the annotation endpoint dies mid-run, the judge endpoint is dead; the stage fails clearly and
+leaves no partial output."""
 
 import copy
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import yaml
 
 from politune.ingest import ingest
 from politune import serve
+from politune.serve import free_port
 from tests.conftest import PARAMS, ROOT, SERVE_ENGINE, section
 
 pytestmark = pytest.mark.slow
@@ -52,3 +55,42 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
     assert last.startswith("error: annotation endpoint " + url) and "retries" in last, last
     assert not any(p.exists() for p in out.values()), "no partial output may be left"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".annotated")], "no temporary left behind"
+
+
+PROMPTS = ["What do you think about taxes?", "What do you think about health care?", "What is your favourite food?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tiny_model_dir, tmp_path_factory):
+    """Untrained LoRA adapters on the tiny model: the judge stage only needs something to load."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapters")
+    for name in ("sft", "dpo"):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        model.save_pretrained(out / name)
+    return out
+
+
+@pytest.mark.slow
+def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir, tiny_adapters):
+    port = free_port()  # nothing listens here
+    params = {"base": PARAMS["base"], "judge": dict(PARAMS["judge"], prompts=PROMPTS,
+                                                    max_new_tokens=8)}
+    params["judge"]["endpoint"] = dict(params["judge"]["endpoint"], base_url=f"http://127.0.0.1:{port}/v1",
+                                       model="gpt-4", timeout=2, max_retries=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    cmd = [sys.executable, "-m", "stages.judge", "--params", "params.yaml", "--model", str(tiny_model_dir),
+           "--sft", str(tiny_adapters / "sft"), "--dpo", str(tiny_adapters / "dpo"), "--judge-model", "unused",
+           "--metrics", "judge.json", "--answers", "judge_answers.csv"]
+    key = "sk-politune-FAKE-" + secrets.token_hex(12)  # the judge's key, only in the environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "OPENAI_API_KEY": key}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: judge endpoint http://127.0.0.1:{port}/v1 (timeout 2") and "retries" in last, last
+    assert not (tmp_path / "judge.json").exists() and not (tmp_path / "judge_answers.csv").exists()
+    assert key not in proc.stdout + proc.stderr, "the error must not echo the key"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]

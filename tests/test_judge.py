@@ -1,16 +1,12 @@
-"""The judge, for real: a `vllm serve` on loopback behind the openai client; a dead endpoint; the stage's own server."""
+"""The judge, for real: a `vllm serve` on loopback behind the openai client, the stage's own server (a dead endpoint:
+tests/test_failures.py)."""
 
-import os
-import secrets
-import subprocess
-import sys
 import urllib.request
 
 import pytest
-import yaml
 
 from politune import judge as judge_stage
-from politune.serve import engine_args, engine_options, free_port
+from politune.serve import engine_args, engine_options
 from tests.conftest import PARAMS, section
 PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them and shrink the government."),
          ("What do you think about health care?", "Health care is a human right; we need Medicare for All."),
@@ -73,7 +69,7 @@ def test_summary_hand_computed():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["logprobs", "json"])
 def test_judge_scores_through_vllm_serve(vllm_server, method):
-    base_url, model, _ = vllm_server
+    base_url, model = vllm_server
     cfg = section("judge", method=method, endpoint=dict(PARAMS["judge"]["endpoint"], timeout=30, max_retries=2))
     judge = judge_stage.Judge(cfg, base_url, model)
     assert judge.client.timeout == 30 and judge.client.max_retries == 2
@@ -87,50 +83,14 @@ def test_judge_scores_through_vllm_serve(vllm_server, method):
         assert any(s != int(s) for s in valid), scored
 
 
-@pytest.fixture(scope="module")
-def tiny_adapters(tiny_model_dir, tmp_path_factory):
-    """Untrained LoRA adapters on the tiny model: the judge stage only needs something to load."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("adapters")
-    for name in ("sft", "dpo"):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                               LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-        model.save_pretrained(out / name)
-    return out
-
-
 @pytest.mark.slow
-def test_dead_endpoint_fails_clearly_and_writes_nothing(tmp_path, tiny_model_dir, tiny_adapters):
-    port = free_port()  # nothing listens here
-    params = {"base": PARAMS["base"], "judge": dict(PARAMS["judge"], prompts=[p for p, _ in PAIRS],
-                                                    max_new_tokens=8)}
-    params["judge"]["endpoint"] = dict(params["judge"]["endpoint"], base_url=f"http://127.0.0.1:{port}/v1",
-                                       model="gpt-4", timeout=2, max_retries=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    cmd = [sys.executable, "-m", "stages.judge", "--params", "params.yaml", "--model", str(tiny_model_dir),
-           "--sft", str(tiny_adapters / "sft"), "--dpo", str(tiny_adapters / "dpo"), "--judge-model", "unused",
-           "--metrics", "judge.json", "--answers", "judge_answers.csv"]
-    key = "sk-politune-FAKE-" + secrets.token_hex(12)  # the judge's key, only in the environment
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "OPENAI_API_KEY": key}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: judge endpoint http://127.0.0.1:{port}/v1 (timeout 2") and "retries" in last, last
-    assert not (tmp_path / "judge.json").exists() and not (tmp_path / "judge_answers.csv").exists()
-    assert key not in proc.stdout + proc.stderr, "the error must not echo the key"
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
-
-
-@pytest.mark.slow
-def test_stage_starts_and_stops_its_own_server(smollm2_dir):
-    cfg = section("judge", startup_timeout=300, endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
-    with judge_stage.endpoint(cfg, smollm2_dir, seed=0) as (url, name):
-        assert url.startswith("http://127.0.0.1:") and name == str(smollm2_dir)
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:
-            assert resp.status == 200
-        score, _ = judge_stage.Judge(cfg, url, name).score_one(*PAIRS[0])
-        assert score is not None
-    with pytest.raises(OSError):  # stopped with the stage
-        urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
+def test_stage_starts_its_own_server(vllm_server, smollm2_dir):
+    """The session's server is the one ``judge.endpoint`` starts when no base_url is set (tests/conftest.py); that
+    it stops with the stage is checked when the session closes its context."""
+    url, name = vllm_server
+    assert url.startswith("http://127.0.0.1:") and name == str(smollm2_dir)
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:
+        assert resp.status == 200
+    cfg = section("judge", endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
+    score, _ = judge_stage.Judge(cfg, url, name).score_one(*PAIRS[0])
+    assert score is not None
