@@ -38,11 +38,11 @@ PARAMS = read_yaml(ROOT / "params.yaml")
 
 
 # `make test` runs two xdist workers (`pytest -n 2`). The tests that share the session's servers, its tiny pipeline
-# repository or an engine live in SHARED_MODULES, which run on one worker, in file order: the set-up is made once,
+# repository live in SHARED_MODULES, which run on one worker, in file order: the set-up is made once,
 # and the team tests find the repository as the end-to-end tests left it. Every other test goes where a worker is
 # free.
-SHARED_FIXTURES = {"pipeline", "servers", "vllm_server", "engine"}
-SHARED_MODULES = {"test_annotate.py", "test_backends.py", "test_judge.py", "test_pipeline_e2e.py", "test_team.py"}
+SHARED_FIXTURES = {"pipeline", "servers", "vllm_server"}
+SHARED_MODULES = {"test_backends.py", "test_judge.py", "test_pipeline_e2e.py", "test_team.py"}
 
 
 def pytest_itemcollected(item):
