@@ -28,9 +28,7 @@ repro: env
 	@test -d .dvc || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-# Two xdist workers (one per core); the tests that share the session's servers and tiny pipeline run on one of them,
-# in file order (tests/conftest.py).
-PYTEST := $(BIN)/python -m pytest -n 2
+PYTEST := $(BIN)/python -m pytest
 test: env
 	PATH="$(abspath $(BIN)):$$PATH" $(PYTEST) -v --durations=15
 

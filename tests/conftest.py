@@ -25,8 +25,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one torch thread each
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Stage subprocesses (dvc repro) must find the venv's python first.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
@@ -35,31 +33,6 @@ from politune.schema import SECTION_MODELS, Params  # noqa: E402
 
 # params.yaml read as the stages read it (ruamel, YAML 1.2): the raw sections, for tests that write params files.
 PARAMS = read_yaml(ROOT / "params.yaml")
-
-
-# `make test` runs two xdist workers (`pytest -n 2`). The tests that share the session's servers, its tiny pipeline
-# repository live in SHARED_MODULES, which run on one worker, in file order: the set-up is made once,
-# and the team tests find the repository as the end-to-end tests left it. Every other test goes where a worker is
-# free.
-SHARED_FIXTURES = {"pipeline", "servers", "vllm_server"}
-SHARED_MODULES = {"test_backends.py", "test_judge.py", "test_pipeline_e2e.py", "test_team.py"}
-
-
-def pytest_itemcollected(item):
-    used = SHARED_FIXTURES & set(item.fixturenames)
-    if used and item.path.name not in SHARED_MODULES:
-        raise pytest.UsageError(f"{item.nodeid} uses {sorted(used)}: move it to one of {sorted(SHARED_MODULES)} "
-                                "(tests/conftest.py), or each xdist worker builds its own")
-
-
-def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SharedModulesTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid):
-            return "shared" if Path(nodeid.split("::")[0]).name in SHARED_MODULES else nodeid
-
-    return SharedModulesTogether(config, log)
 
 
 def section(name: str, **changes):

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from politune.annotate import Rating, annotate, parser, triplet_model, viewpoint_probabilities
+from politune.common import read_yaml
+from politune.schema import Params
 from tests.conftest import PARAMS, parse_triplet, section
 
 
@@ -108,3 +110,20 @@ def test_vllm_annotation_real_engine(engine):
     assert len(rated) >= 6 and rated["score"].between(0, 1).all()
     assert (rated["score"] * 10).round(6).eq((rated["score"] * 10).round()).all()  # integer ratings
     assert rated["reason"].map(lambda r: isinstance(r, str) and 0 < len(r) <= 200).all()
+
+
+@pytest.mark.slow
+def test_another_process_reproduces_the_stage_annotation(engine, pipeline, tmp_path):
+    """Deterministic outputs for DVC: the tiny pipeline's annotate stage (its own process and engine, in `dvc repro`)
+    and this module's engine give the same table, byte for byte once written, from the same posts and params (greedy
+    first attempts, seeded retries), and the same model (SmolLM2; the stage's copy comes from prepare_models)."""
+    root = pipeline.root
+    params = Params.model_validate(read_yaml(root / "params.yaml"))
+    cfg = params.annotate
+    assert params.base.seed == PARAMS["base"]["seed"] and cfg.engine == section("annotate").engine
+    posts = pd.read_parquet(root / "data" / "posts.parquet").head(cfg.max_posts)
+    table, report = annotate(posts, engine, params.ideology, cfg, params.base.seed)
+    stage_report = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
+    assert report["kept_by_side"] == stage_report["kept_by_side"]
+    table.to_parquet(tmp_path / "annotated.parquet", index=False)  # as the stage writes it
+    assert (tmp_path / "annotated.parquet").read_bytes() == (root / "data" / "annotated.parquet").read_bytes()

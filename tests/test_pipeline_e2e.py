@@ -4,12 +4,10 @@ order on that repository and leave it at a commit for tests/test_team.py."""
 
 import json
 
-import pandas as pd
 import pytest
 import yaml
 
 from politune.common import read_yaml
-from politune.schema import Params
 from tests.conftest import ROOT, STAGES, ran, run
 
 pytestmark = pytest.mark.slow
@@ -22,30 +20,9 @@ def test_repro_runs_every_stage_once_then_nothing(pipeline):
     assert ran(run(["dvc", "repro"], root, env)) == set()
 
 
-def test_another_process_reproduces_the_annotation(pipeline, tmp_path):
-    """Deterministic outputs for DVC: the annotate stage (its own process and engine, in `dvc repro`) and an engine
-    in this process give the same table, byte for byte once written, from the same model, posts and params (greedy
-    first attempts, seeded retries)."""
-    from politune.annotate import annotate
-    from politune.backends import VLLMBackend
-
-    root = pipeline.root
-    params = Params.model_validate(read_yaml(root / "params.yaml"))
-    cfg = params.annotate
-    posts = pd.read_parquet(root / "data" / "posts.parquet").head(cfg.max_posts)
-    engine = VLLMBackend(str(root / "models" / "annotator"), cfg.engine, params.base.seed)
-    try:
-        table, report = annotate(posts, engine, params.ideology, cfg, params.base.seed)
-    finally:
-        engine.llm.llm_engine.engine_core.shutdown()
-    stage_report = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
-    assert report["kept_by_side"] == stage_report["kept_by_side"]
-    table.to_parquet(tmp_path / "annotated.parquet", index=False)  # as the stage writes it
-    assert (tmp_path / "annotated.parquet").read_bytes() == (root / "data" / "annotated.parquet").read_bytes()
-
-
 def test_datasets_are_deterministic(pipeline):
-    """Forcing dataset building again yields byte-identical data."""
+    """Forcing dataset building again yields byte-identical data (tests/test_annotate.py reproduces the annotation
+    in another process)."""
     root, env = pipeline.root, pipeline.env
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     run(["dvc", "repro", "-f", "-s", "build_datasets"], root, env)
