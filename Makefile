@@ -14,8 +14,9 @@ env: $(VENV)/.installed
 
 # torch first (the local CPU wheel, through pip, which finds it), then every other package at its locked version
 # with --no-deps through uv (pip takes 3.5 min to unpack the 278 packages here, uv 10 s), so nothing resolves, nothing
-# backtracks and no CUDA build is pulled; vLLM's torchvision/torchaudio/torchcodec stay out.
-UV := $(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps
+# backtracks and no CUDA build is pulled; vLLM's torchvision/torchaudio/torchcodec stay out. --compile-bytecode as
+# pip does: where PYTHONDONTWRITEBYTECODE is set (as here), every stage process would compile its imports again.
+UV := $(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps --compile-bytecode
 $(VENV)/.installed: requirements/lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
