@@ -29,12 +29,11 @@ repro: env
 	@test -d .dvc || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-PYTEST := $(BIN)/python -m pytest
 test: env
-	PATH="$(abspath $(BIN)):$$PATH" $(PYTEST) -v --durations=15
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v --durations=15
 
 test-fast: env
-	PATH="$(abspath $(BIN)):$$PATH" $(PYTEST) -v -m "not slow"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v -m "not slow"
 
 # Benchmarks (figures in reports/bench.json); needs the default pipeline's outputs, so it runs `repro` first.
 bench: repro
