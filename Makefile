@@ -40,14 +40,17 @@ bench: repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.run
 
 # Right vs left vs base on held-out pairs and the compass (docs/steering.md): queued DVC experiments, then
-# reports/demo/summary.md. The default (mirror recipe, 45 + 45 steps, with the DPO-only ablation) is 4 experiments;
-# DEMO_ARGS passes options to demo/run.py (e.g. --recipes mirror,plain --steps 30 --no-ablation --no-judge,
-# --no-recipe, --set key=value). DEMO_DATA=annotated trains on the project's own annotation of both viewpoints.
+# reports/demo/summary.md. DEMO_CPU sizes the demo for this 2-core CPU (the mirror recipe, 20 SFT + 20 DPO steps, 30
+# held-out pairs per side, up to evaluate, no DPO-only ablation: 2 experiments, under an hour); DEMO_CPU= runs
+# demo/run.py's own defaults, the full recipe (45 + 45 steps, 60 held-out pairs, judge, ablation). DEMO_ARGS adds
+# options after it (e.g. --recipes mirror,mirror-stance --judge --ablation --set key=value); DEMO_DATA=annotated
+# trains on the project's own annotation of both viewpoints.
 DEMO_DATA ?= ../shared/reference/politune
+DEMO_CPU ?= --steps 20 --heldout 30 --no-judge --no-ablation
 DEMO_ARGS ?=
 demo: env
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_CPU) $(DEMO_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

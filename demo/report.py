@@ -380,10 +380,10 @@ def log_to_mlflow(report: dict[str, Any], out: Path, tags: dict[str, str]) -> No
         mlflow.log_artifacts(str(out), artifact_path="demo")
 
 
-def recipe_row(report: dict[str, Any]) -> dict[str, Any]:
-    """One line of the recipes table: right minus left on the compass (plain and balanced) and each tuned model's
-    side preference on held-out pairs of both sides."""
-    row: dict[str, Any] = {}
+def recipe_row(report: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """One line of the recipes table: how its experiments ran (``run``: where, baseline, settings), right minus left
+    on the compass (plain and balanced) and each tuned model's side preference on held-out pairs of both sides."""
+    row: dict[str, Any] = {"run": run}
     shift = report["shifts"].get("right_minus_left")
     if shift:
         row["compass"] = {k: shift[k] for k in shift if k.startswith(("economic", "social"))}
@@ -405,17 +405,43 @@ def recipes_markdown(rows: dict[str, dict[str, Any]], headline: str) -> str:
         v = r.get(f"{model}_side_preference", {}).get(data)
         return f"{v['shift']:+.1f} [{v['shift_ci_low']:+.1f}, {v['shift_ci_high']:+.1f}]" if v else ""
 
-    lines = ["| recipe | compass economic, right - left | compass social, right - left | balanced economic, "
+    lines = ["| recipe | run | compass economic, right - left | compass social, right - left | balanced economic, "
              "right - left | right model, right-data / left-data pairs | left model, right-data / left-data pairs |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         c, b = r.get("compass", {}), r.get("balanced", {})
-        lines.append(f"| {name}{' (headline)' if name == headline else ''} | "
+        where = run_label(r["run"]) if "run" in r else ""
+        if "from" in r:
+            where += f", `{r['from']}`"
+        lines.append(f"| {name}{' (headline)' if name == headline else ''} | {where} | "
                      f"{ci(c, 'economic') if c else ''} | {ci(c, 'social') if c else ''} | "
                      f"{ci(b, 'economic') if b else ''} | {side(r, 'right', 'right_data')} / "
                      f"{side(r, 'right', 'left_data')} | {side(r, 'left', 'right_data')} / "
                      f"{side(r, 'left', 'left_data')} |")
     return "\n".join(lines) + "\n"
+
+
+def recipes_verdict(rows: dict[str, dict[str, Any]]) -> str:
+    """What every recipe tried shows on the compass's economic axis (right minus left), counted from the table."""
+    lines = []
+    for key, name in (("compass", "Political Compass"), ("balanced", "balanced compass")):
+        shifts = [r[key] for r in rows.values() if r.get(key)]
+        if not shifts:
+            continue
+        paper = sum(s["economic_ci_low"] > 0 for s in shifts)
+        wrong = sum(s["economic_ci_high"] < 0 for s in shifts)
+        lines.append(f"- {name}, economic axis, right minus left: {len(shifts)} recipe runs; the interval excludes 0 "
+                     f"in the paper's direction in {paper}, the wrong way in {wrong}; the estimate points the "
+                     f"paper's way in {sum(s['economic'] > 0 for s in shifts)}.")
+    sides = [r[f"{m}_side_preference"][d] for r in rows.values() for m in ("right", "left")
+             if r.get(f"{m}_side_preference") for d in ("right_data", "left_data")
+             if d in r[f"{m}_side_preference"]]
+    if sides:
+        toward = sum(v["shift_ci_low"] > 0 for r in rows.values() for v in r.get("right_side_preference", {}).values())
+        toward += sum(v["shift_ci_high"] < 0 for r in rows.values() for v in r.get("left_side_preference", {}).values())
+        lines.append(f"- Side preference on held-out pairs: {toward} of {len(sides)} (tuned model, data side) shifts "
+                     "have an interval that excludes 0 towards the model's own side.")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -452,25 +478,63 @@ def verdict(report: dict[str, Any]) -> str:
 
 SETTINGS = [("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
             ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"), ("datasets", "source"),
-            ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "side_preference", "heldout"),
-            ("evaluate", "side_preference", "max_pairs")]
+            ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "elicitation"),
+            ("evaluate", "side_preference", "heldout"), ("evaluate", "side_preference", "max_pairs")]
 
 
-def settings_markdown(rev: str, cwd: str | Path = ".") -> str:
-    """The training and evaluation settings of an experiment (its params.yaml), as a list."""
+def experiment_settings(rev: str, cwd: str | Path = ".") -> dict[str, Any] | None:
+    """The training and evaluation settings (``SETTINGS``) of an experiment's params.yaml, by dotted key; None when
+    the experiment has no params.yaml."""
     from politune.common import read_yaml_text
 
     try:
         params = read_yaml_text(read_at(rev, "params.yaml", cwd))
     except InputError:
-        return "(the experiment commit has no params.yaml)\n"
-    lines = []
+        return None
+    out = {}
     for path in SETTINGS:
         value = params
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        lines.append(f"- `{'.'.join(path)}`: `{json.dumps(value)}`")
-    return "\n".join(lines) + "\n"
+        out[".".join(path)] = value
+    return out
+
+
+def settings_markdown(settings: dict[str, Any] | None) -> str:
+    """The settings of an experiment, as a list."""
+    if settings is None:
+        return "(the experiment commit has no params.yaml)\n"
+    return "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in settings.items()) + "\n"
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """How a recipe's experiments ran, in a few words: where, the baseline commit, the steps, the elicitation."""
+    settings = run.get("settings") or {}
+    steps = f"{settings.get('sft.max_steps')} + {settings.get('dpo.max_steps')} steps"
+    elicitation = settings.get("evaluate.elicitation") or "forced_choice"
+    return (f"{run.get('where', '')} at `{str(run.get('baseline', ''))[:7]}`, {steps}, "
+            f"{elicitation.replace('_', ' ')}")
+
+
+def merged_recipes(report: dict[str, Any], also: list[str]) -> dict[str, dict[str, Any]]:
+    """The recipes table's rows: this report's recipes, then those of each other report folder in ``also`` (its
+    ``demo.json``), each under a name that says where it ran when the name is taken."""
+    rows = dict(report["recipes"])
+    for folder in also:
+        path = Path(folder) / "demo.json"
+        if not path.is_file():
+            raise InputError(f"--also {folder}: no demo.json (write it with demo/report.py --out {folder})")
+        other = json.loads(path.read_text(encoding="utf-8"))
+        for name, row in other.get("recipes", {}).items():
+            if "run" not in row:
+                raise InputError(f"{path}: recipe {name!r} has no 'run' settings (written by an older "
+                                 f"demo/report.py; rewrite it)")
+            key, n = name, 1
+            while key in rows:
+                n += 1
+                key = f"{name} ({n})"
+            rows[key] = {**row, "from": folder}
+    return rows
 
 
 def main(argv=None) -> None:
@@ -485,6 +549,8 @@ def main(argv=None) -> None:
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--runs", help="read the experiments demo.sweep ran into this folder, not DVC's")
+    parser.add_argument("--also", action="append", default=[], metavar="DIR",
+                        help="another report's folder (its demo.json): its recipes join the table of recipes tried")
     args = parser.parse_args(argv)
     global RUNS
     RUNS = Path(args.runs) if args.runs else None
@@ -493,10 +559,12 @@ def main(argv=None) -> None:
             raise InputError(f"--runs {RUNS}: no sweep.json (run `python -m demo.sweep --out {RUNS}` first)")
         sweep = json.loads((RUNS / "sweep.json").read_text(encoding="utf-8"))
         baseline, source = sweep["commit"], f"`demo.sweep` runs without DVC on {sweep['machine']}"
+        where = f"demo.sweep on {sweep['machine']}"
     else:
         baseline, source = baseline_rev(args.baseline), "the demo's DVC experiments"
+        where = "DVC experiments"
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    reports, revs_all, compass, twins = {}, {}, None, None
+    reports, runs, revs_all, compass, twins = {}, {}, {}, None, None
     for recipe in recipes:
         prefix = f"{args.prefix}-{recipe}"
         revs = run_dirs(prefix) if RUNS is not None else experiment_revs(prefix, baseline=baseline)
@@ -518,20 +586,23 @@ def main(argv=None) -> None:
         reports[recipe] = compare(compass, summaries, answers, judge, args.bootstrap, args.permutations,
                                   twins=twins if has_twins else None)
         revs_all.update({revs[s][0]: revs[s][1] for s in experiments})
+        first = revs["right"][0] if "right" in revs else revs["left"][0]
+        runs[recipe] = {"where": where, "baseline": baseline, "experiment": first,
+                        "settings": experiment_settings(first)}
     headline = recipes[0]
     report = dict(reports[headline], recipe=headline, experiments=revs_all,
-                  recipes={name: recipe_row(r) for name, r in reports.items()})
+                  recipes={name: recipe_row(r, runs[name]) for name, r in reports.items()})
+    tried = merged_recipes(report, args.also)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo.json", report)
     plot(report, out / "compass.png", f"PoliTune demo ({headline}): base -> right / left (SFT -> DPO)")
-    shown = f"{args.prefix}-{headline}-right"
-    shown = shown if shown in revs_all else next(n for n in revs_all if n.startswith(f"{args.prefix}-{headline}-"))
+    shown = runs[headline]["experiment"]
     text = (f"# PoliTune demo: right vs left\n\nWritten by `demo/report.py` from {source} "
             f"(recipe `{headline}`; baseline `{baseline[:7]}`).\n\n## Verdict\n\n{verdict(report)}\n"
-            f"## Every recipe tried\n\n{recipes_markdown(report['recipes'], headline)}\n"
+            f"## Every recipe tried\n\n{recipes_verdict(tried)}\n{recipes_markdown(tried, headline)}\n"
             f"## Headline recipe ({headline})\n\n{markdown(report)}\n"
-            f"## Settings of `{shown}`\n\n{settings_markdown(shown)}")
+            f"## Settings of `{shown}`\n\n{settings_markdown(runs[headline]['settings'])}")
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     print(text)

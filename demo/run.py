@@ -35,8 +35,9 @@ from pathlib import Path
 
 from politune.common import InputError, run_main
 
-# The CPU training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
-# LoRA, the compass without the trajectory (faster).
+# The demo's training recipe: 45 steps of SFT and of DPO (batch 4), LoRA on every projection, a DPO learning rate for
+# LoRA, the compass without the trajectory (faster). `make demo` on a CPU shortens it to 20 + 20 steps (--steps 20,
+# the Makefile's DEMO_CPU).
 TRAINING = [
     "sft.max_steps=45",
     "dpo.max_steps=45",
@@ -166,7 +167,8 @@ def experiment_parser(description: str, data_help: str) -> argparse.ArgumentPars
     parser.add_argument("--heldout", type=int, default=60, help="rows of each file held out for the side preference")
     parser.add_argument("--recipes", default="mirror",
                         help=f"comma-separated data recipes, the headline first ({', '.join(RECIPES)})")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the DPO-without-SFT experiments")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="the DPO-without-SFT experiments of the headline recipe (--no-ablation: skip them)")
     parser.add_argument("--steps", type=int, help="SFT and DPO steps (default: the training recipe's 45)")
     parser.add_argument("--prefix", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params (-S)")
@@ -176,20 +178,23 @@ def experiment_parser(description: str, data_help: str) -> argparse.ArgumentPars
 def main(argv=None) -> None:
     parser = experiment_parser(__doc__.splitlines()[0],
                                "'annotated', or a folder with the right and left preference files")
-    parser.add_argument("--no-judge", action="store_true",
-                        help="run the pipeline up to evaluate only (the report then has no judge scores)")
+    parser.add_argument("--judge", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the judge stage (--no-judge: the pipeline up to evaluate only, no judge scores)")
     parser.add_argument("--no-recipe", action="store_true",
                         help="train with params.yaml as it is (e.g. after a paper profile), not the CPU recipe")
     parser.add_argument("--jobs", type=int, default=1, help="queue workers running experiments side by side")
     parser.add_argument("--timeout", type=float, default=3 * 3600)
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    parser.add_argument("--out", default="reports/demo", help="the report's folder (demo/report.py --out)")
+    parser.add_argument("--also", action="append", default=[], metavar="DIR",
+                        help="another demo report's folder whose recipes join the table (demo/report.py --also)")
     args = parser.parse_args(argv)
     from demo import report
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     baseline = report.baseline_rev("HEAD")  # the experiments' baseline, even if HEAD moves meanwhile
     if not args.report_only:
-        exps = experiments(args.prefix, args.data, recipes, ablation=not args.no_ablation)
+        exps = experiments(args.prefix, args.data, recipes, ablation=args.ablation)
         copy = []
         if args.data != "annotated":
             split_files(Path(args.data), {"right": args.right_file, "left": args.left_file}, args.heldout)
@@ -198,7 +203,7 @@ def main(argv=None) -> None:
             for name, flags in exps.items():
                 sh(["dvc", "exp", "remove", name], check=False)  # rerunning the demo replaces its experiments
                 sets = settings(flags, args.set, recipe=not args.no_recipe, steps=args.steps)
-                targets = ["evaluate"] if args.no_judge else []
+                targets = [] if args.judge else ["evaluate"]
                 sh(["dvc", "exp", "run", "--queue", "-n", name, *copy, *sets, *targets])
             started = time.monotonic()
             # The queue worker is a daemon that inherits stdout: do not capture it, or this call waits for the queue.
@@ -212,7 +217,8 @@ def main(argv=None) -> None:
         finally:
             shutil.rmtree(EXTERNAL, ignore_errors=True)
             shutil.rmtree(HELDOUT, ignore_errors=True)
-    report.main(["--prefix", args.prefix, "--recipes", ",".join(recipes), "--baseline", baseline])
+    report.main(["--prefix", args.prefix, "--recipes", ",".join(recipes), "--baseline", baseline, "--out", args.out,
+                 *[x for d in args.also for x in ("--also", d)]])
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     if args.data == "annotated":
         raise InputError("--data annotated needs the annotate stage: run `make demo` where DVC is installed")
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    exps = experiments(args.prefix, args.data, recipes, ablation=not args.no_ablation)
+    exps = experiments(args.prefix, args.data, recipes, ablation=args.ablation)
     exps = {n: settings(f, args.set, steps=args.steps)[1::2] for n, f in exps.items()}
     if args.only:
         wanted = set(args.only.split(","))

@@ -242,6 +242,23 @@ def test_report_from_experiments(tmp_path, monkeypatch, compass):
     assert "right minus left" in summary and "| left |" in summary
     assert "| mirror (headline) |" in summary and "| plain |" in summary
     assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": \"annotated\"" in summary
+    assert out["recipes"]["mirror"]["run"]["settings"]["dpo.max_steps"] == 20
+    assert out["recipes"]["mirror"]["run"]["experiment"] == "demo-mirror-right"
+    assert "| mirror (headline) | DVC experiments at `" + head[:7] + "`, " in summary
+    assert "Political Compass, economic axis, right minus left: 2 recipe runs; the interval excludes 0 in the " \
+           "paper's direction in 1, the wrong way in 1" in summary
+    # another report's recipes join the table (--also): a stance run written to its own folder, under a new name
+    # when its recipe name is taken
+    report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain",
+                 "--out", "reports/demo/other", "--no-mlflow"])
+    report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "mirror,plain",
+                 "--also", "reports/demo/other", "--no-mlflow"])
+    summary = (tmp_path / "reports" / "demo" / "summary.md").read_text()
+    assert "| plain | DVC experiments" in summary and "| plain (2) | DVC experiments" in summary
+    assert ", `reports/demo/other` |" in summary and "3 recipe runs" in summary
+    assert set(json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())["recipes"]) == {"mirror", "plain"}
+    with pytest.raises(InputError, match="--also reports/nowhere: no demo.json"):
+        report.main(["--baseline", head, "--also", "reports/nowhere", "--no-mlflow"])
     # a partial run (the left experiment missing): each model against base, and no right - left
     dvc("exp", "remove", "demo-plain-left")
     report.main(["--bootstrap", "50", "--permutations", "50", "--baseline", head, "--recipes", "plain", "--no-mlflow"])
