@@ -223,6 +223,19 @@ class Judge(_Strict):
         return self
 
 
+class Gguf(_Strict):
+    type: Literal["f32", "f16", "q8_0"]
+    pre: str = Field(min_length=1)
+    max_kl: float = Field(ge=0)
+    min_top1: float = Field(ge=0, le=1)
+
+
+class Export(_Strict):
+    check_prompts: list[str] = Field(min_length=1)
+    tolerance: float = Field(gt=0)
+    gguf: Gguf | None
+
+
 class Params(_Strict):
     """The params sections a stage loaded, validated once: ``params.annotate.threshold`` and so on. A section the
     stage did not declare is ``None``. ``lora``, ``sft`` and ``dpo`` stay mappings: they are TRL/PEFT fields, parsed
@@ -241,6 +254,7 @@ class Params(_Strict):
     dpo: dict[str, Any] | None = None
     evaluate: Evaluate | None = None
     judge: Judge | None = None
+    export: Export | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The loaded sections as plain values (for MLflow params and run fingerprints)."""
@@ -250,6 +264,7 @@ class Params(_Strict):
 SECTION_MODELS: dict[str, type[BaseModel]] = {
     "base": Base, "models": Models, "ingest": Ingest, "annotate": Annotate, "datasets": Datasets,
     "launch": Launch, "recipe": Recipe, "lora": Lora, "evaluate": Evaluate, "judge": Judge,
+    "export": Export,
 }
 
 

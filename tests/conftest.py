@@ -144,7 +144,7 @@ def vllm_server(smollm2_dir):
 
 # --- one tiny pipeline repository per test run (tests/test_pipeline_e2e.py, then tests/test_team.py) --------------
 
-STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge"}
+STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge", "export"}
 
 
 def run(cmd, cwd, env):
@@ -170,6 +170,10 @@ def tiny_params(params, annotator_dir, target_dir):
     params["dpo"].update(small, save_steps=1)
     params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
     params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
+    # a random-weight model's next-token distributions are near uniform: q8_0 rounding flips some top-1 tokens
+    # (0.97 agreement on the tiny model, 0.99 on SmolLM2), so the bound is looser here
+    params["export"].update(check_prompts=params["export"]["check_prompts"][:2])
+    params["export"]["gguf"]["min_top1"] = 0.8
     return params
 
 

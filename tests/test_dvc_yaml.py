@@ -61,12 +61,13 @@ def test_every_params_section_is_read_by_some_stage():
 
 def test_selective_rerun_design():
     """ideology reaches annotate and build_datasets (the side of each pair) and nothing upstream; lora reaches
-    only training (sft, and dpo, which builds its adapter from it under recipe.dpo_start: base)."""
+    only training (sft, and dpo, which builds its adapter from it under recipe.dpo_start: base); export reads both
+    only to quote them in the model card (it reruns for them anyway: models/dpo changes)."""
     def readers(section):
         return {n for n, st in PIPELINE.items() if section in st.get("params", [])}
 
-    assert readers("ideology") == {"annotate", "build_datasets"}
-    assert readers("lora") == {"sft", "dpo"}
+    assert readers("ideology") == {"annotate", "build_datasets", "export"}
+    assert readers("lora") == {"sft", "dpo", "export"}
     upstream_of_annotate = {"prepare_models", "ingest"}
     for name in upstream_of_annotate:
         assert not {"ideology", "annotate", "lora", "sft", "dpo"} & set(PIPELINE[name].get("params", []))

@@ -93,11 +93,12 @@ def test_mlflow_mirrors_every_stage_under_one_parent(pipeline):
 
 
 @pytest.mark.parametrize("key, value, stages", [
-    ("lora.r", 8, {"sft", "dpo"}),
-    ("ideology", "left", {"annotate", "build_datasets"}),
+    ("lora.r", 8, {"sft", "dpo", "export"}),  # export quotes the training params in the model card
+    ("ideology", "left", {"annotate", "build_datasets", "export"}),
     ("annotate.threshold", 0.3, {"annotate"}),
     ("datasets.test_size", 0.3, {"build_datasets"}),
-    ("dpo.beta", 0.2, {"dpo"}),
+    ("dpo.beta", 0.2, {"dpo", "export"}),
+    ("export.tolerance", 0.01, {"export"}),
     ("evaluate.bootstrap", 60, {"evaluate"}),
     ("judge.samples", 2, {"judge"}),
 ])

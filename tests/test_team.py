@@ -115,7 +115,7 @@ def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
     for queued in (p for p in parents if p.data.tags["dvc.exp_name"] in swept):
         mine = {c.data.tags["politune.stage"] for c in children
                 if c.data.tags["mlflow.parentRunId"] == queued.info.run_id}
-        assert mine == {"dpo", "evaluate", "judge"}, mine  # dpo.beta: sft is reused
+        assert mine == {"dpo", "evaluate", "judge", "export"}, mine  # dpo.beta: sft is reused
     # The adapter is logged as files (safetensors + config), not a pickled model.
     files = {a.path for a in client.list_artifacts(stages["dpo"].info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, files
