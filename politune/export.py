@@ -224,15 +224,17 @@ def check_gguf(model_dir: str | Path, gguf_name: str, prompts: list[str], max_kl
 
 
 def git_commit(cwd: str | Path = ".") -> str:
-    """The commit the stage ran at, marked when the working tree had uncommitted changes; "unknown" outside git."""
+    """The commit the stage ran at, marked when the code (``stages/``, ``politune/``) had uncommitted changes (a
+    pipeline run changes ``dvc.lock`` and the reports, an experiment ``params.yaml``: the card lists the params);
+    "unknown" outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "stages", "politune"],
+                               cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{head} (with uncommitted changes)" if dirty else head
+    return f"{head} (with uncommitted code changes)" if dirty else head
 
 
 def _ci(value: dict[str, Any], key: str, digits: int = 2) -> str:
