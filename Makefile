@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env repro test test-fast bench demo clean-env
+.PHONY: env repro test test-fast bench demo serve chat clean-env
 
 env: $(VENV)/.installed
 
@@ -51,6 +51,15 @@ DEMO_ARGS ?=
 demo: env
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_CPU) $(DEMO_ARGS)
+
+# The tuned models through vLLM's OpenAI-compatible server: the target as model "base", the adapters as LoRA modules
+# "sft" and "dpo" (politune/chat.py; needs `make repro` first). `make chat`: base and dpo side by side in the terminal.
+SERVE_ARGS ?= --model models/target --adapter sft=models/sft --adapter dpo=models/dpo
+serve: env
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m politune.chat serve $(SERVE_ARGS) --port $(or $(PORT),8000)
+
+chat: env
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m politune.chat chat --model models/target --adapter dpo=models/dpo
 
 clean-env:
 	rm -rf $(VENV)

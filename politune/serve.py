@@ -52,14 +52,18 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
 
 def engine_args(engine: dict[str, Any]) -> list[str]:
     """``{max_model_len: 2048, enforce_eager: true, enable_chunked_prefill: false}`` -> ``--max-model-len 2048
-    --enforce-eager --no-enable-chunked-prefill`` (vLLM's boolean config flags all have a ``--no-`` form); null is
-    left out (vLLM's default)."""
+    --enforce-eager --no-enable-chunked-prefill`` (vLLM's boolean config flags all have a ``--no-`` form); a list
+    gives the flag its values (``lora_modules: [a=x, b=y]`` -> ``--lora-modules a=x b=y``); null is left out
+    (vLLM's default)."""
     args: list[str] = []
     for key, value in engine_options(engine)[1].items():
         if value is None:
             continue
         flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+        if isinstance(value, list | tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
     return args
 
 

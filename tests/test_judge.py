@@ -17,6 +17,8 @@ def test_engine_args_become_server_flags():
     assert engine_args({"max_model_len": 2048, "enforce_eager": True, "enable_chunked_prefill": False,
                         "cpu_kvcache_space_gib": 1, "quantization": None, "tensor_parallel_size": 4}) == [
         "--max-model-len", "2048", "--enforce-eager", "--no-enable-chunked-prefill", "--tensor-parallel-size", "4"]
+    assert engine_args({"lora_modules": ["sft=models/sft", "dpo=models/dpo"], "max_lora_rank": 16}) == [
+        "--lora-modules", "sft=models/sft", "dpo=models/dpo", "--max-lora-rank", "16"]
 
 
 def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
