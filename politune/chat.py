@@ -45,7 +45,7 @@ def lora_rank(params: Params, adapters: dict[str, str]) -> int:
     fits = [r for r in VLLM_LORA_RANKS if r >= largest]
     if not fits:
         raise InputError(f"LoRA rank {largest}: vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}; serve the merged "
-                         "model (models/export) instead")
+                         "model the export stage writes instead")
     return fits[0]
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True, help="the target model folder")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                        help="a LoRA adapter to serve under NAME (repeat: sft=models/sft dpo=models/dpo)")
+                        help="a LoRA adapter to serve under NAME (repeat: sft=DIR dpo=DIR)")
     parser.add_argument("--port", type=int, default=8000, help="serve: the port (loopback only)")
     parser.add_argument("--prompt", action="append", default=[], help="chat: a prompt (else read from stdin)")
     parser.add_argument("--max-tokens", type=int, default=160)
