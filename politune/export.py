@@ -192,10 +192,10 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, qtype: str, pre: str
     writer.close()
 
 
-def check_gguf(model_dir: str | Path, gguf_name: str, prompts: list[str], max_kl: float,
-               min_top1: float) -> dict[str, Any]:
+def gguf_figures(model_dir: str | Path, gguf_name: str, prompts: list[str]) -> dict[str, Any]:
     """Load the GGUF back through transformers and compare its next-token distributions with the model folder's on
-    ``prompts`` (the folder's tokenizer for both, so only the weights are compared); fail beyond the bounds."""
+    ``prompts`` (the folder's tokenizer for both, so only the weights are compared); also whether the GGUF's own
+    tokenizer gives the same token ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,11 +213,16 @@ def check_gguf(model_dir: str | Path, gguf_name: str, prompts: list[str], max_kl
     gguf_tokenizer_ = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_name)
     same_ids = all(tokenizer(t, add_special_tokens=False)["input_ids"]
                    == gguf_tokenizer_(t, add_special_tokens=False)["input_ids"] for t in texts)
-    figures = {"file": gguf_name, "bytes": (model_dir / gguf_name).stat().st_size, "mean_kl": _round(kl.mean()),
-               "max_kl": _round(kl.max()), "top1_agreement": compare_logits(ref, got)["top1_agreement"],
-               "tokenizer_ids_equal": same_ids, "bound_mean_kl": max_kl, "bound_top1": min_top1}
+    return {"file": gguf_name, "bytes": (model_dir / gguf_name).stat().st_size, "mean_kl": _round(kl.mean()),
+            "max_kl": _round(kl.max()), "top1_agreement": compare_logits(ref, got)["top1_agreement"],
+            "tokenizer_ids_equal": same_ids}
+
+
+def within_bounds(figures: dict[str, Any], max_kl: float, min_top1: float) -> dict[str, Any]:
+    """The GGUF's figures with their bounds; fail beyond them."""
+    figures = dict(figures, bound_mean_kl=max_kl, bound_top1=min_top1)
     if not (figures["mean_kl"] <= max_kl and figures["top1_agreement"] >= min_top1):
-        raise InputError(f"export: {gguf_name} read back differs from the merged model: mean KL "
+        raise InputError(f"export: {figures['file']} read back differs from the merged model: mean KL "
                          f"{figures['mean_kl']:.3g} (export.gguf.max_kl {max_kl:g}), top-1 agreement "
                          f"{figures['top1_agreement']:.3f} (export.gguf.min_top1 {min_top1:g}); nothing was written")
     return figures
@@ -321,8 +326,8 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
             figures = check(tmp, reference, cfg.check_prompts, cfg.tolerance)
             if cfg.gguf is not None:
                 write_gguf(tmp, tmp / "model.gguf", cfg.gguf.type, cfg.gguf.pre)
-                figures["gguf"] = check_gguf(tmp, "model.gguf", cfg.check_prompts, cfg.gguf.max_kl,
-                                             cfg.gguf.min_top1)
+                figures["gguf"] = within_bounds(gguf_figures(tmp, "model.gguf", cfg.check_prompts),
+                                                cfg.gguf.max_kl, cfg.gguf.min_top1)
             (tmp / "README.md").write_text(model_card(params, reports, figures, git_commit()), encoding="utf-8")
         write_json(paths.report, figures)
         log_metrics(mlflow, figures)

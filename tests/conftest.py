@@ -170,10 +170,8 @@ def tiny_params(params, annotator_dir, target_dir):
     params["dpo"].update(small, save_steps=1)
     params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
     params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
-    # a random-weight model's next-token distributions are near uniform: q8_0 rounding flips some top-1 tokens
-    # (0.97 agreement on the tiny model, 0.99 on SmolLM2), so the bound is looser here
-    params["export"].update(check_prompts=params["export"]["check_prompts"][:2])
-    params["export"]["gguf"]["min_top1"] = 0.8
+    # the GGUF round trip (about 20 s) is tested on its own (tests/test_export.py)
+    params["export"].update(check_prompts=params["export"]["check_prompts"][:1], gguf=None)
     return params
 
 
