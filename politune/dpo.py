@@ -1,12 +1,18 @@
-"""Stage ``dpo``: DPO with TRL's ``DPOTrainer``, continuing the SFT LoRA adapter.
+"""Stage ``dpo``: preference tuning with TRL (DPO by default), continuing the SFT LoRA adapter.
+
+``recipe.method`` picks TRL's trainer, and its params section (named like the TRL config it is parsed into) holds
+its settings: ``dpo`` (``DPOConfig``; IPO and the other DPO losses through ``dpo.loss_type``), ``kto``
+(``KTOConfig``: the preference pairs are unpaired by TRL into desirable and undesirable answers), ``orpo``
+(``ORPOConfig``) and ``cpo`` (``CPOConfig``; SimPO is ``cpo.loss_type: simpo``), the last two reference-free, from
+``trl.experimental``. Whatever the method, the stage's output is the preference-tuned adapter evaluated as "dpo".
 
 With ``recipe.dpo_start: sft`` (the paper's recipe) the SFT adapter is loaded as a trainable ``PeftModel`` (stacked
 on the base model, not merged). TRL copies it into a frozen ``ref`` adapter, so the reference policy is the SFT model
 and no second model is loaded. With ``recipe.dpo_start: base`` (the ablation "DPO without SFT") DPO trains a fresh
 adapter from the ``lora`` params on the base model, and TRL uses the base model (adapter disabled) as the
-reference. The ``dpo`` params
-section is parsed strictly into ``trl.DPOConfig``. The trained adapter (base + this adapter = the DPO model) is saved
-to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``dpo.save_steps`` steps)
+reference (for KTO the base model in both cases; ORPO and CPO use none). The method's params section is parsed
+strictly into its TRL config. The trained adapter (base + this adapter = the DPO model) is saved
+to ``--out``; with ``--trajectory``, a snapshot of the adapter at every checkpoint (every ``save_steps`` steps of the method's section)
 is saved to ``<trajectory>/step-N`` for the evaluate stage's compass trajectory. Snapshots are kept with the
 checkpoints while training, so a resumed run still has the ones before the interruption.
 """
@@ -37,14 +43,36 @@ def snapshot_callback(directory: Path):
     return Snapshots()
 
 
+METHODS = {  # recipe.method -> (module, TRL config, TRL trainer); its params section is named after the method
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
+    "kto": ("trl", "KTOConfig", "KTOTrainer"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+}
+
+
+def method_classes(method: str):
+    """TRL's (config class, trainer class) of ``recipe.method``."""
+    import importlib
+    import warnings
+
+    module, config, trainer = METHODS[method]
+    with warnings.catch_warnings():  # trl.experimental announces itself on import
+        warnings.simplefilter("ignore")
+        mod = importlib.import_module(module)
+    return getattr(mod, config), getattr(mod, trainer)
+
+
 def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, resume=False, trajectory_dir=None,
           callbacks=()):
-    """Train the DPO adapter (``callbacks``: more ``TrainerCallback``s, e.g. the benchmark's clock)."""
+    """Train the preference-tuned adapter with ``recipe.method`` (``callbacks``: more ``TrainerCallback``s, e.g. the
+    benchmark's clock)."""
     from peft import LoraConfig, PeftModel
-    from trl import DPOConfig, DPOTrainer
 
     seed = params.base.seed
-    config = strict_config(DPOConfig, "dpo", params.dpo, defaults=CHECKPOINT_DEFAULTS,
+    method = params.recipe.method
+    config_class, trainer_class = method_classes(method)
+    config = strict_config(config_class, method, getattr(params, method), defaults=CHECKPOINT_DEFAULTS,
                            output_dir=str(work_dir), seed=seed)
     seed_everything(seed)
     base, tokenizer = load_target(model_dir)
@@ -53,7 +81,7 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
     else:  # a fresh adapter from the lora params (what SFT would train); the SFT adapter is not read
         model, peft_config = base, strict_config(LoraConfig, "lora", params.lora)
     splits = load_splits(data_dir)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
+    trainer = trainer_class(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
                          callbacks=[*callbacks, *([snapshot_callback(Path(work_dir) / "trajectory")]
                                                   if trajectory_dir else [])] or None)

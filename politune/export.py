@@ -261,7 +261,8 @@ def model_card(params: Params, reports: dict[str, Any], check_figures: dict[str,
     lines = ["---", "library_name: transformers", "tags: [politune, dpo, lora, merged]", "---", "",
              f"# politune: {params.ideology}-tuned model", "",
              f"The target model `{source}` ({models.get('target', {}).get('parameters', '?')} parameters) after SFT "
-             f"and DPO towards the **{params.ideology}** viewpoint with a LoRA adapter, merged into the weights "
+             f"and {params.recipe.method.upper()} towards the **{params.ideology}** viewpoint with a LoRA adapter, "
+             f"merged into the weights "
              f"(`recipe.dpo_start: {params.recipe.dpo_start}`). Written by politune's `export` stage at commit "
              f"`{commit}`.", "", "## Training data", "",
              f"- `datasets.source`: `{params.datasets.source}`; mirror pairs: "
@@ -269,7 +270,7 @@ def model_card(params: Params, reports: dict[str, Any], check_figures: dict[str,
              f"- preference pairs: {datasets.get('pairs', '?')} ({datasets.get('train', '?')} train, "
              f"{datasets.get('test', '?')} test); by source: `{json.dumps(datasets.get('sources', {}))}`", "",
              "## Training params", ""]
-    for name in ("lora", "sft", "dpo"):
+    for name in ("lora", "sft", params.recipe.method):
         lines.append(f"- `{name}`: `{json.dumps(getattr(params, name), sort_keys=True)}`")
     lines += ["", "## Results (politune `evaluate` and `judge`)", "",
               "| model | compass economic [95% CI] | compass social [95% CI] | side preference shift, right-data / "

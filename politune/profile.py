@@ -33,7 +33,7 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], where: str = "") -> Non
 
 def _free_form(where: str) -> bool:
     """Sections passed through as they are (engine options, LoRA/TRL fields): new keys are allowed there."""
-    return where in ("annotate.engine.", "judge.serve.", "lora.", "sft.", "dpo.")
+    return where in ("annotate.engine.", "judge.serve.", "lora.", "sft.", "dpo.", "kto.", "orpo.", "cpo.")
 
 
 def apply(profile: str | Path, params: str | Path = "params.yaml") -> dict[str, Any]:

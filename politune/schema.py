@@ -136,6 +136,7 @@ class Launch(_Strict):
 
 class Recipe(_Strict):
     dpo_start: Literal["sft", "base"]  # sft: DPO continues the SFT adapter; base: a fresh adapter (the ablation)
+    method: Literal["dpo", "kto", "orpo", "cpo"]  # the TRL trainer; its settings: the params section of that name
 
 
 class Lora(BaseModel):
@@ -238,8 +239,9 @@ class Export(_Strict):
 
 class Params(_Strict):
     """The params sections a stage loaded, validated once: ``params.annotate.threshold`` and so on. A section the
-    stage did not declare is ``None``. ``lora``, ``sft`` and ``dpo`` stay mappings: they are TRL/PEFT fields, parsed
-    strictly into ``LoraConfig``/``SFTConfig``/``DPOConfig`` where they are used (``politune.training``)."""
+    stage did not declare is ``None``. ``lora``, ``sft`` and the preference methods' sections (``dpo``, ``kto``,
+    ``orpo``, ``cpo``) stay mappings: they are TRL/PEFT fields, parsed strictly into ``LoraConfig``/``SFTConfig``/
+    ``DPOConfig``... where they are used (``politune.training``)."""
 
     ideology: str | None = None
     base: Base | None = None
@@ -252,6 +254,9 @@ class Params(_Strict):
     lora: dict[str, Any] | None = None
     sft: dict[str, Any] | None = None
     dpo: dict[str, Any] | None = None
+    kto: dict[str, Any] | None = None
+    orpo: dict[str, Any] | None = None
+    cpo: dict[str, Any] | None = None
     evaluate: Evaluate | None = None
     judge: Judge | None = None
     export: Export | None = None

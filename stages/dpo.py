@@ -4,7 +4,7 @@ from politune import dpo
 from politune.common import run_main, stage_main
 from politune.training import training_parser
 
-SECTIONS = ("base", "launch", "recipe", "lora", "dpo")
+SECTIONS = ("base", "launch", "recipe", "lora", "dpo", "kto", "orpo", "cpo")
 
 
 def main(argv=None) -> None:

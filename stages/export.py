@@ -3,7 +3,7 @@
 from politune import export
 from politune.common import run_main, stage_main, stage_parser
 
-SECTIONS = ("ideology", "datasets", "recipe", "lora", "sft", "dpo", "export")
+SECTIONS = ("ideology", "datasets", "recipe", "lora", "sft", "dpo", "kto", "orpo", "cpo", "export")
 
 
 def main(argv=None) -> None:

@@ -46,6 +46,12 @@ def test_profile_maps_onto_trainer_configs(profile_params):
         config = strict_config(cls, section, dict(params[section], bf16=False), output_dir=str(tmp_path), seed=0)
         assert config.gradient_checkpointing and config.per_device_train_batch_size >= 1
     assert strict_config(DPOConfig, "dpo", dict(params["dpo"], bf16=False), output_dir="x").beta == 0.1
+    from politune.dpo import METHODS, method_classes
+
+    for method in METHODS:  # every preference method's section is a valid config of its trainer, on the GPU
+        assert params[method]["use_cpu"] is False and params[method]["bf16"] is True
+        config = strict_config(method_classes(method)[0], method, dict(params[method], bf16=False), output_dir="x")
+        assert config.gradient_checkpointing
     # The comments of params.yaml survive the merge.
     assert "# politune params." in (tmp_path / "params.yaml").read_text(encoding="utf-8")
 

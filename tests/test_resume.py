@@ -32,7 +32,8 @@ ROWS = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
 # The tiny random model trains fast: enough steps that the run is still going when it is killed after checkpoint 2.
 TRAIN = {"max_steps": 16, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
          "max_length": 64, "save_steps": 2, "bf16": False}
-PARAMS = {"base": {"seed": 0}, "launch": {"training": "python"}, "recipe": {"dpo_start": "sft"}, "sft": TRAIN, "dpo": TRAIN,
+PARAMS = {"base": {"seed": 0}, "launch": {"training": "python"}, "recipe": {"dpo_start": "sft", "method": "dpo"},
+          "sft": TRAIN, "dpo": TRAIN, "kto": TRAIN, "orpo": TRAIN, "cpo": TRAIN,
           "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
                    "task_type": "CAUSAL_LM"}}
 

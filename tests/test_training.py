@@ -46,7 +46,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     base_before = load_file(tiny_model_dir / "model.safetensors")
     params = {
         "base": {"seed": 0},
-        "recipe": {"dpo_start": "sft"},
+        "recipe": {"dpo_start": "sft", "method": "dpo"},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "task_type": "CAUSAL_LM", "init_lora_weights": True,
                  "target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"]},
         "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
@@ -99,7 +99,7 @@ def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model
 
     params = {
         "base": {"seed": 0},
-        "recipe": {"dpo_start": "base"},
+        "recipe": {"dpo_start": "base", "method": "dpo"},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
                  "task_type": "CAUSAL_LM"},
         "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64,
@@ -156,3 +156,33 @@ def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
     steps_per_epoch = math.ceil(math.ceil(train_size / 2) / 2)
     assert abs(curve[0]["epoch"] - 1 / steps_per_epoch) < 1e-5, (curve[0], train_size)
     assert proc.stdout.count("'train_runtime'") + proc.stderr.count("'train_runtime'") == 1
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dpo", {"loss_type": ["ipo"], "precompute_ref_log_probs": True}),  # IPO: a DPOConfig loss
+    ("kto", {}),  # TRL unpairs the preference pairs into desirable and undesirable answers
+    ("orpo", {}),
+    ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}),  # SimPO
+])
+def test_each_preference_method_trains_the_adapter_and_not_the_base(tmp_path, tiny_model_dir, tiny_data, method,
+                                                                    extra):
+    """recipe.method picks TRL's trainer and its own params section, parsed strictly into its config."""
+    from politune import dpo
+
+    base_before = load_file(tiny_model_dir / "model.safetensors")
+    section = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64,
+               "beta": 0.1, "bf16": False, **extra}
+    params = typed(base={"seed": 0}, recipe={"dpo_start": "base", "method": method},
+                   lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                         "task_type": "CAUSAL_LM"}, **{method: section})
+    trainer, _ = dpo.train(tiny_model_dir, tmp_path / "no-sft", tiny_data / "dpo", tmp_path / "out", params,
+                           tmp_path / "w")
+    assert type(trainer).__name__ == dpo.METHODS[method][2] and trainer.state.global_step == 2
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k), f"{method} did not train LoRA B"
+    base_after = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    with pytest.raises(ParamsError, match=f"{method}: unknown"):
+        dpo.train(tiny_model_dir, tmp_path / "no-sft", tiny_data / "dpo", tmp_path / "out2",
+                  typed(base={"seed": 0}, recipe={"dpo_start": "base", "method": method}, lora=params.lora,
+                        **{method: {**section, "betta": 0.2}}), tmp_path / "w2")
