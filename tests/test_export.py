@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from politune.common import InputError
-from tests.conftest import PARAMS
+from tests.conftest import PARAMS, typed
 
 PROMPTS = ["Should taxes on the rich be raised?", "What do you think about vaccines?"]
 
@@ -42,9 +42,7 @@ def test_export_stage_merges_checks_and_writes_a_card(tmp_path, tiny_model_dir, 
     from stages import export as stage
 
     params = {s: PARAMS[s] for s in stage.SECTIONS}
-    # f32 GGUF: the round trip is exact, so its bounds can be tight
-    params["export"] = {"check_prompts": PROMPTS, "tolerance": 1e-3,
-                        "gguf": {"type": "f32", "pre": "smollm", "max_kl": 1e-6, "min_top1": 1.0}}
+    params["export"] = {"check_prompts": PROMPTS, "tolerance": 1e-3, "gguf": None}  # GGUF: the test below
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     reports = {"models.json": {"target": {"source": "pkg:tiny", "parameters": 123}},
                "datasets.json": {"pairs": 10, "train": 8, "test": 2, "sources": {"annotated": 10}},
@@ -66,13 +64,12 @@ def test_export_stage_merges_checks_and_writes_a_card(tmp_path, tiny_model_dir, 
 
     out = tmp_path / "export"
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "README.md", "model.gguf"} <= set(digest(out))
+            "README.md"} <= set(digest(out))
     assert not list(out.glob("adapter_*")), "a plain model folder, not an adapter"
     figures = json.loads((tmp_path / "export.json").read_text())
     assert 0 <= figures["max_abs_logit_diff"] <= 1e-3 and figures["top1_agreement"] == 1.0
     assert figures["prompts"] == 2 and figures["positions"] > 20
-    assert figures["gguf"]["mean_kl"] <= 1e-6 and figures["gguf"]["top1_agreement"] == 1.0
-    assert figures["gguf"]["tokenizer_ids_equal"], "the GGUF's tokenizer metadata reads back as the same tokenizer"
+    assert "gguf" not in figures and not (out / "model.gguf").exists()
 
     # the adapter's modules changed, the others and the target on disk did not
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
@@ -87,8 +84,7 @@ def test_export_stage_merges_checks_and_writes_a_card(tmp_path, tiny_model_dir, 
     assert "| dpo | +1.50 [+0.25, +3.00] | +0.00 [-1.00, +1.00] | +6.00 [+4.00, +8.00] | 4.50 [4.00, 5.00] |" \
         in card
     assert f"largest absolute logit difference {figures['max_abs_logit_diff']:.3g}" in card
-    assert "## GGUF" in card and "its tokenizer gives the same token ids" in card
-    assert "at commit `" in card and f"`lora`: `{json.dumps(PARAMS['lora'], sort_keys=True)}`" in card
+    assert "## GGUF" not in card and "at commit `" in card and f"`lora`: `{json.dumps(PARAMS['lora'], sort_keys=True)}`" in card
 
 
 def test_export_check_refuses_weights_that_are_not_the_adapters(tmp_path, tiny_model_dir, adapters):
@@ -115,3 +111,7 @@ def test_gguf_quantised_reads_back_within_its_bounds(tmp_path, tiny_model_dir, a
     assert export.within_bounds(figures, 1e-2, 0.5)["bound_mean_kl"] == 1e-2
     with pytest.raises(InputError, match="model.gguf read back differs from the merged model: mean KL"):
         export.within_bounds(figures, figures["mean_kl"] / 2, 0.5)
+    card = export.model_card(typed(**{s: PARAMS[s] for s in ("ideology", "datasets", "recipe", "lora", "sft", "dpo")}),
+                             {}, {"prompts": 2, "positions": 30, "max_abs_logit_diff": 1e-5, "top1_agreement": 1.0,
+                                  "tolerance": 1e-3, "gguf": export.within_bounds(figures, 1e-2, 0.5)}, "abc")
+    assert "## GGUF" in card and "its tokenizer gives the same token ids on the prompts" in card
