@@ -430,7 +430,7 @@ def recipes_verdict(rows: dict[str, dict[str, Any]]) -> str:
             continue
         paper = sum(s["economic_ci_low"] > 0 for s in shifts)
         wrong = sum(s["economic_ci_high"] < 0 for s in shifts)
-        lines.append(f"- {name}, economic axis, right minus left: {len(shifts)} recipe runs; the interval excludes 0 "
+        lines.append(f"- {name}, economic axis, right minus left: {len(shifts)} recipe run{'s' if len(shifts) != 1 else ''}; the interval excludes 0 "
                      f"in the paper's direction in {paper}, the wrong way in {wrong}; the estimate points the "
                      f"paper's way in {sum(s['economic'] > 0 for s in shifts)}.")
     sides = [r[f"{m}_side_preference"][d] for r in rows.values() for m in ("right", "left")
@@ -479,6 +479,7 @@ def verdict(report: dict[str, Any]) -> str:
 SETTINGS = [("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
             ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"), ("datasets", "source"),
             ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "elicitation"),
+            ("evaluate", "generate", "samples"),
             ("evaluate", "side_preference", "heldout"), ("evaluate", "side_preference", "max_pairs")]
 
 
@@ -511,9 +512,11 @@ def run_label(run: dict[str, Any]) -> str:
     """How a recipe's experiments ran, in a few words: where, the baseline commit, the steps, the elicitation."""
     settings = run.get("settings") or {}
     steps = f"{settings.get('sft.max_steps')} + {settings.get('dpo.max_steps')} steps"
-    elicitation = settings.get("evaluate.elicitation") or "forced_choice"
-    return (f"{run.get('where', '')} at `{str(run.get('baseline', ''))[:7]}`, {steps}, "
-            f"{elicitation.replace('_', ' ')}")
+    elicitation = (settings.get("evaluate.elicitation") or "forced_choice").replace("_", " ")
+    if elicitation == "generate":
+        samples = settings.get("evaluate.generate.samples")
+        elicitation += f" ({samples} sample{'s' if samples != 1 else ''} per paraphrase)"
+    return f"{run.get('where', '')} at `{str(run.get('baseline', ''))[:7]}`, {steps}, {elicitation}"
 
 
 def merged_recipes(report: dict[str, Any], also: list[str]) -> dict[str, dict[str, Any]]:

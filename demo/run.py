@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,15 +211,17 @@ def main(argv=None) -> None:
             subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True, stdout=subprocess.DEVNULL)
             status = wait_for_queue(args.timeout)
             print(f"demo experiments finished in {time.monotonic() - started:.0f} s", flush=True)
-            found = {f"{args.prefix}-{s}" for s in report.experiment_revs(args.prefix, baseline=baseline)}
+            # A new process: this one's dvc.api may still see the experiments it saw before the queue ran.
+            found = set(sh(["dvc", "exp", "list", "--rev", baseline, "--name-only"], echo=False).split())
             missing = sorted(set(exps) - found)
             if missing:
                 raise InputError(f"demo experiments {missing} failed (see `dvc queue logs <name>`):\n{status}")
         finally:
             shutil.rmtree(EXTERNAL, ignore_errors=True)
             shutil.rmtree(HELDOUT, ignore_errors=True)
-    report.main(["--prefix", args.prefix, "--recipes", ",".join(recipes), "--baseline", baseline, "--out", args.out,
-                 *[x for d in args.also for x in ("--also", d)]])
+    subprocess.run([sys.executable, "-m", "demo.report", "--prefix", args.prefix, "--recipes", ",".join(recipes),
+                    "--baseline", baseline, "--out", args.out, *[x for d in args.also for x in ("--also", d)]],
+                   check=True)
 
 
 if __name__ == "__main__":
