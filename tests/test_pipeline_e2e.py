@@ -96,7 +96,7 @@ def test_mlflow_mirrors_every_stage_under_one_parent(pipeline):
     ("lora.r", 8, {"sft", "dpo", "export"}),  # export quotes the training params in the model card
     ("ideology", "left", {"annotate", "build_datasets", "export"}),
     ("annotate.threshold", 0.3, {"annotate"}),
-    ("datasets.test_size", 0.3, {"build_datasets"}),
+    ("datasets.test_size", 0.3, {"build_datasets", "export"}),
     ("dpo.beta", 0.2, {"dpo", "export"}),
     ("export.tolerance", 0.01, {"export"}),
     ("evaluate.bootstrap", 60, {"evaluate"}),

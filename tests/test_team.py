@@ -35,8 +35,7 @@ def team_repo(pipeline):
 @pytest.mark.slow
 def test_queued_sweep(team_repo):
     root, env = team_repo
-    # up to evaluate: judge and export run the same code in every experiment (tests/test_pipeline_e2e.py)
-    run(["dvc", "exp", "run", "--queue", "-S", "dpo.beta=0.2,0.3", "evaluate"], root, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "dpo.beta=0.2,0.3"], root, env)
     assert run(["dvc", "queue", "status"], root, env).count("Queued") == 2
     run(["dvc", "queue", "start", "-j", "2"], root, env)  # two at once, one per core
     deadline = time.monotonic() + 1500
@@ -56,6 +55,7 @@ def test_queued_sweep(team_repo):
             betas.add(data["params"]["params.yaml"]["data"]["dpo"]["beta"])
             metrics = data["metrics"]["reports/metrics.json"]["data"]
             assert {"economic", "social", "economic_ci_low"} <= set(metrics["dpo"])
+            assert "score" in data["metrics"]["reports/judge.json"]["data"]["dpo"]
     assert betas == {0.2, 0.3}
     table = run(["dvc", "exp", "show", "--no-pager", "--md", "--only-changed", "--keep", "dpo.economic",
                  "--keep", "dpo.social", "--keep", "dpo.beta"], root, env)
@@ -115,7 +115,7 @@ def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
     for queued in (p for p in parents if p.data.tags["dvc.exp_name"] in swept):
         mine = {c.data.tags["politune.stage"] for c in children
                 if c.data.tags["mlflow.parentRunId"] == queued.info.run_id}
-        assert mine == {"dpo", "evaluate"}, mine  # dpo.beta, up to evaluate: sft is reused
+        assert mine == {"dpo", "evaluate", "judge", "export"}, mine  # dpo.beta: sft is reused
     # The adapter is logged as files (safetensors + config), not a pickled model.
     files = {a.path for a in client.list_artifacts(stages["dpo"].info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, files
