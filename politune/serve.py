@@ -34,17 +34,23 @@ def free_port() -> int:
 
 
 KVCACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE when a params section does not set cpu_kvcache_space_gib
+# params keys that are vLLM environment variables rather than engine arguments
+ENV_KEYS = {"cpu_kvcache_space_gib": "VLLM_CPU_KVCACHE_SPACE", "multiprocessing": "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
 def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """A params engine section (``annotate.engine``, ``judge.serve``) -> (environment, vLLM engine arguments).
 
     The one mapping used by the offline engine and by ``vllm serve``: ``cpu_kvcache_space_gib`` becomes
-    ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``dtype: auto`` becomes bfloat16 where bf16 is native and float32
-    elsewhere (``politune.common.resolve_dtype``); every other key is passed to vLLM as it is.
+    ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``multiprocessing`` (the offline engine only: whether its engine
+    core runs in a process of its own; ``vllm serve`` always does) becomes ``VLLM_ENABLE_V1_MULTIPROCESSING``,
+    ``dtype: auto`` becomes bfloat16 where bf16 is native and float32 elsewhere (``politune.common.resolve_dtype``);
+    every other key is passed to vLLM as it is.
     """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
-    options = {k: v for k, v in engine.items() if k != "cpu_kvcache_space_gib"}
+    if engine.get("multiprocessing") is not None:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = str(int(bool(engine["multiprocessing"])))
+    options = {k: v for k, v in engine.items() if k not in ENV_KEYS}
     if "dtype" in options:
         options["dtype"] = resolve_dtype(options["dtype"])
     return env, options

@@ -31,6 +31,9 @@ def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
         assert env == {"VLLM_CPU_KVCACHE_SPACE": "3"} and options == {"dtype": dtype, "max_model_len": 2048}
         assert engine_args(engine) == ["--dtype", dtype, "--max-model-len", "2048"]
     assert engine_options({"dtype": "float16"}) == ({"VLLM_CPU_KVCACHE_SPACE": "1"}, {"dtype": "float16"})
+    env, options = engine_options({"multiprocessing": False, "seed": 0})
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and options == {"seed": 0}
+    assert engine_options({"multiprocessing": True})[0]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     assert common.resolve_bf16(True) is True and common.resolve_bf16(False) is False
     monkeypatch.setattr(common, "native_bf16", lambda: False)
     assert common.resolve_bf16("auto") is False

@@ -14,7 +14,7 @@ import yaml
 
 from politune.common import ParamsError
 from politune.profile import apply
-from politune.serve import engine_args, server_command
+from politune.serve import engine_args, engine_options, server_command
 from politune.training import strict_config
 from tests.conftest import ROOT
 
@@ -62,7 +62,8 @@ def test_profile_maps_onto_vllm(profile_params):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     _, params, _ = profile_params
-    engine = {k: v for k, v in params["annotate"]["engine"].items() if k != "cpu_kvcache_space_gib"}
+    env, engine = engine_options(params["annotate"]["engine"])
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # at paper scale, vLLM's own default
     assert set(engine) <= {f.name for f in dataclasses.fields(EngineArgs)}
     assert engine["tensor_parallel_size"] == 4 and engine["distributed_executor_backend"] in ("mp", "ray")
     parser = make_arg_parser(FlexibleArgumentParser())
