@@ -42,7 +42,7 @@ def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
     key = "sk-politune-FAKE-" + secrets.token_hex(12)  # made at run time: no file can hold it by accident
     params = read_yaml(ROOT / "params.yaml")
     posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
-    pd.DataFrame(posts[:6]).to_parquet(tmp_path / "posts.parquet")
+    pd.DataFrame(posts[:2]).to_parquet(tmp_path / "posts.parquet")
     params["annotate"].update(backend="openai", threshold=0.0, max_new_tokens=96, max_retries=0)
     params["annotate"]["openai"].update(base_url=base_url, model=model)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

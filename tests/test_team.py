@@ -35,7 +35,9 @@ def team_repo(pipeline):
 @pytest.mark.slow
 def test_queued_sweep(team_repo):
     root, env = team_repo
-    run(["dvc", "exp", "run", "--queue", "-S", "dpo.beta=0.2,0.3"], root, env)
+    # An evaluation sweep (evaluate then export rerun; a training param's reruns are tested with `dvc repro --dry` in
+    # tests/test_pipeline_e2e.py): the queue, its two workers, exp show / apply / metrics diff / push are the same.
+    run(["dvc", "exp", "run", "--queue", "-S", "evaluate.bootstrap=60,80"], root, env)
     assert run(["dvc", "queue", "status"], root, env).count("Queued") == 2
     run(["dvc", "queue", "start", "-j", "2"], root, env)  # two at once, one per core
     deadline = time.monotonic() + 1500
@@ -48,18 +50,18 @@ def test_queued_sweep(team_repo):
     assert status.count("Success") == 2, status
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
-    betas = set()
+    swept = set()
     for exp in exps:
         for run_ in exp["revs"]:
             data = run_["data"]
-            betas.add(data["params"]["params.yaml"]["data"]["dpo"]["beta"])
+            swept.add(data["params"]["params.yaml"]["data"]["evaluate"]["bootstrap"])
             metrics = data["metrics"]["reports/metrics.json"]["data"]
             assert {"economic", "social", "economic_ci_low"} <= set(metrics["dpo"])
             assert "score" in data["metrics"]["reports/judge.json"]["data"]["dpo"]
-    assert betas == {0.2, 0.3}
+    assert swept == {60, 80}
     table = run(["dvc", "exp", "show", "--no-pager", "--md", "--only-changed", "--keep", "dpo.economic",
-                 "--keep", "dpo.social", "--keep", "dpo.beta"], root, env)
-    assert "dpo.beta" in table and "dpo.economic" in table, table
+                 "--keep", "dpo.social", "--keep", "evaluate.bootstrap"], root, env)
+    assert "evaluate.bootstrap" in table and "dpo.economic" in table, table
 
 
 @pytest.mark.slow
@@ -115,7 +117,7 @@ def test_mlflow_server_holds_parent_and_nested_runs(team_repo, servers):
     for queued in (p for p in parents if p.data.tags["dvc.exp_name"] in swept):
         mine = {c.data.tags["politune.stage"] for c in children
                 if c.data.tags["mlflow.parentRunId"] == queued.info.run_id}
-        assert mine == {"dpo", "evaluate", "judge", "export"}, mine  # dpo.beta: sft is reused
+        assert mine == {"evaluate", "export"}, mine  # evaluate.bootstrap: the models are reused
     # The adapter is logged as files (safetensors + config), not a pickled model.
     files = {a.path for a in client.list_artifacts(stages["dpo"].info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, files
