@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny pipeline is reproduced in the background while other tests run (the `pipeline_in_background` fixture), so
+# every process of the session runs torch on one thread (two threads per process on two busy cores wait on each other:
+# measured, the real-engine annotation test took 360 s instead of 83 s), and no vLLM engine pins its thread to a core
+# (by default every engine binds to the same core, the one beside its scheduler's).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 # Stage subprocesses (dvc repro) must find the venv's python first.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
@@ -126,6 +133,16 @@ SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "
 
 
 @pytest.fixture(scope="session")
+def engine(smollm2_dir):
+    """One offline vLLM engine of SmolLM2 for the session, as the annotate stage starts it (the default params)."""
+    from politune.backends import VLLMBackend
+
+    backend = VLLMBackend(str(smollm2_dir), section("annotate").engine, seed=PARAMS["base"]["seed"])
+    yield backend
+    backend.llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit
+
+
+@pytest.fixture(scope="session")
 def vllm_server(smollm2_dir):
     """A real ``vllm serve`` of SmolLM2 on loopback (OpenAI-compatible), started and stopped by the judge stage's
     own code (``judge.endpoint`` with no base_url, the default); yields (base_url, model name). Every test that needs
@@ -143,6 +160,9 @@ def vllm_server(smollm2_dir):
 
 
 # --- one tiny pipeline repository per test run (tests/test_pipeline_e2e.py, then tests/test_team.py) --------------
+# Its first `dvc repro` (about 4 minutes here) runs in the background from the session's first test on, with one
+# torch thread, while the tests that do not need it run on the other core; the tests that need it run last, in file
+# order (most of the suite is one thread at a time: the second core was idle).
 
 STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge", "export"}
 
@@ -226,18 +246,34 @@ class Pipeline:
     repro: str  # the output of the first `dvc repro`
 
 
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, smollm2_dir, tiny_model_dir, servers, vllm_server) -> Pipeline:
-    """A tiny politune repository (git + DVC), reproduced once with MLflow tracking to the server and committed.
-    Shared by the end-to-end and the team tests, which run in that order and leave it at a commit. Its judge is the
-    session's `vllm serve` of SmolLM2 (``judge.endpoint.base_url``), so no judge run starts a server of its own
-    (tests/test_judge.py tests the stage's own server)."""
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection
+def pytest_collection_modifyitems(config, items):
+    """The tests on the tiny pipeline run last, in their file order (it is reproduced in the background meanwhile)."""
+    later = [item for item in items if "pipeline" in item.fixturenames]
+    items[:] = [item for item in items if "pipeline" not in item.fixturenames] + later
+
+
+@dataclass
+class Background:
+    root: Path
+    env: dict
+    proc: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pipeline_in_background(request, tmp_path_factory):
+    """Start the tiny pipeline's first `dvc repro` as the session begins, when a selected test needs it; the judge
+    stage starts its own `vllm serve` there (the session's is started later, in the foreground)."""
+    if not any("pipeline" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     import yaml
 
+    smollm2_dir, tiny_model_dir = request.getfixturevalue("smollm2_dir"), request.getfixturevalue("tiny_model_dir")
+    servers = request.getfixturevalue("servers")
     root = copy_project(tmp_path_factory.mktemp("pipeline") / "repo")
     params = tiny_params(read_yaml(root / "params.yaml"), smollm2_dir, tiny_model_dir)
-    url, name = vllm_server
-    params["judge"]["endpoint"].update(base_url=url, model=name)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP", "AWS_"))}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
@@ -246,7 +282,25 @@ def pipeline(tmp_path_factory, smollm2_dir, tiny_model_dir, servers, vllm_server
     run(["dvc", "init", "-q"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny politune"], root, env)
-    out = run(["dvc", "repro"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "baseline results"], root, env)
-    return Pipeline(root, env, out)
+    log = root.parent / "repro.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=dict(env, OMP_NUM_THREADS="1"), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    yield Background(root, env, proc, log)
+    if proc.poll() is None:  # the session ended before a test needed it
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def pipeline(pipeline_in_background) -> Pipeline:
+    """A tiny politune repository (git + DVC), reproduced once with MLflow tracking to the server and committed.
+    Shared by the end-to-end and the team tests, which run in that order and leave it at a commit."""
+    bg = pipeline_in_background
+    bg.proc.wait()
+    out = bg.log.read_text(encoding="utf-8", errors="replace")
+    if bg.proc.returncode != 0:
+        raise AssertionError(f"dvc repro failed ({bg.proc.returncode}):\n{out[-8000:]}")
+    run(["git", "add", "-A"], bg.root, bg.env)
+    run(["git", "commit", "-qm", "baseline results"], bg.root, bg.env)
+    return Pipeline(bg.root, bg.env, out)

@@ -62,6 +62,8 @@ def test_reports(pipeline):
     judged = json.loads((root / "reports" / "judge.json").read_text(encoding="utf-8"))
     for model in ("base", "sft", "dpo"):
         assert judged[model]["scored"] == 3 and 1 <= judged[model]["score"] <= 7, judged
+    # the stage's own `vllm serve` of the annotator judged: the report names it and says why that is not independent
+    assert judged["judge"]["model"] == "models/annotator" and "self-preference" in judged["judge"]["warning"]
     assert len((root / "reports" / "judge_answers.csv").read_text(encoding="utf-8").splitlines()) >= 10
     annotation = json.loads((root / "reports" / "annotation.json").read_text(encoding="utf-8"))
     assert annotation["kept"] + annotation["dropped"] + annotation["invalid"] == annotation["posts_in"] == 16
