@@ -162,7 +162,7 @@ ANNOTATOR_WARNING = ("the judge is the annotator, the model that wrote the train
 
 
 def judge_identity(cfg: JudgeParams, judge_model: str | Path) -> dict[str, Any]:
-    """Who judged, for ``reports/judge.json``: an endpoint's model, or the local judge model (the stage's
+    """Who judged, for the stage's metrics: an endpoint's model, or the local judge model (the stage's
     ``--judge-model``, which ``dvc.yaml`` wires to the annotator: then with a warning)."""
     if cfg.endpoint.base_url:
         return {"model": cfg.endpoint.model or str(judge_model), "endpoint": cfg.endpoint.base_url}
