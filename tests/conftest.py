@@ -159,6 +159,47 @@ def vllm_server(smollm2_dir):
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
 
 
+def strong_adapter(model_dir, out):
+    """A LoRA adapter on SmolLM2 that changes its greedy answer (random weights, as after a long training run)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@dataclass
+class LoraServer:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    adapter: Path
+
+
+@pytest.fixture(scope="session")
+def lora_server(smollm2_dir, tmp_path_factory):
+    """`make serve`'s server (politune.chat's options): SmolLM2 as "base" and a strong adapter as LoRA module
+    "strong". tests/test_chat.py talks to it; tests/test_failures.py then kills it mid-run (one start for both)."""
+    from politune import chat, serve
+
+    tmp = tmp_path_factory.mktemp("lora_server")
+    adapter = strong_adapter(smollm2_dir, tmp / "strong")
+    cfg = typed(base=PARAMS["base"], lora=PARAMS["lora"], judge=PARAMS["judge"])
+    log = tmp / "serve.log"
+    url, proc = serve.start(smollm2_dir, chat.server_options(cfg, {"strong": str(adapter)}), 0, log, 300)
+    yield LoraServer(url, proc, log, adapter)
+    serve.stop(proc)
+
+
 # --- one tiny pipeline repository per test run (tests/test_pipeline_e2e.py, then tests/test_team.py) --------------
 # Its first `dvc repro` (about 4 minutes here) runs in the background from the session's first test on, with one
 # torch thread, while the tests that do not need it run on the other core; the tests that need it run last, in file

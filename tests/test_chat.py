@@ -14,24 +14,6 @@ def params(**lora):
     return typed(base=PARAMS["base"], lora=dict(PARAMS["lora"], **lora), judge=PARAMS["judge"])
 
 
-def strong_adapter(model_dir, out):
-    """A LoRA adapter on SmolLM2 that changes its greedy answer (random weights, as after a long training run)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                                      init_lora_weights=False))
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.mul_(0.3)
-    model.save_pretrained(out)
-    return out
-
-
 def test_server_options_serve_every_adapter_at_a_rank_vllm_accepts(tmp_path):
     from politune import chat
     from politune.serve import engine_args
@@ -54,26 +36,24 @@ def test_server_options_serve_every_adapter_at_a_rank_vllm_accepts(tmp_path):
 
 
 @pytest.mark.slow
-def test_served_adapter_answers_as_local_peft(tmp_path, smollm2_dir):
+def test_served_adapter_answers_as_local_peft(smollm2_dir, lora_server):
     """The adapter served as a LoRA module by vLLM's CPU build gives the greedy answer local PEFT generation gives
-    (and not the base model's); the base model is served beside it under its own name."""
+    (and not the base model's); the base model is served beside it under its own name (the server is `make serve`'s,
+    started with politune.chat's options: tests/conftest.py)."""
     from openai import OpenAI
 
-    from politune import chat, serve
+    from politune import chat
     from politune.inference import generate, load_with_adapters, use
 
-    adapter = strong_adapter(smollm2_dir, tmp_path / "strong")
-    model, tokenizer = load_with_adapters(smollm2_dir, {"strong": adapter})
+    model, tokenizer = load_with_adapters(smollm2_dir, {"strong": lora_server.adapter})
     local = {}
     for name in ("base", "strong"):
         with use(model, name):
             local[name] = generate(model, tokenizer, [PROMPT], 24, 0.0, 0, 1)[0]
     assert local["strong"] != local["base"], "the adapter must change the answer for this test to mean anything"
-    cfg = params()
-    with serve.serving(smollm2_dir, chat.server_options(cfg, {"strong": str(adapter)}), 0, 300) as url:
-        client = OpenAI(base_url=url, api_key="EMPTY")
-        served = {name: chat.answer(client, name, PROMPT, 24).strip() for name in ("base", "strong")}
-        out = io.StringIO()
-        chat.side_by_side(client, ["base", "strong"], [PROMPT], 24, out=out)
+    client = OpenAI(base_url=lora_server.url, api_key="EMPTY")
+    served = {name: chat.answer(client, name, PROMPT, 24).strip() for name in ("base", "strong")}
+    out = io.StringIO()
+    chat.side_by_side(client, ["base", "strong"], [PROMPT], 24, out=out)
     assert served == local
     assert f"> {PROMPT}" in out.getvalue() and f"[strong]\n{local['strong']}" in out.getvalue()

@@ -16,19 +16,21 @@ import yaml
 from politune.ingest import ingest
 from politune import serve
 from politune.serve import free_port
-from tests.conftest import PARAMS, ROOT, SERVE_ENGINE, section
+from tests.conftest import PARAMS, ROOT, section
 
 pytestmark = pytest.mark.slow
 
 
-def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
+def test_endpoint_killed_mid_run(tmp_path, smollm2_dir, lora_server):
+    """The annotate stage's endpoint dies while it scores: the session's `make serve` server (tests/conftest.py; the
+    last test to use it), serving SmolLM2 as "base"."""
     params = copy.deepcopy(PARAMS)
     posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
     pd.DataFrame(posts).to_parquet(tmp_path / "posts.parquet")
-    url, server = serve.start(smollm2_dir, SERVE_ENGINE, 0, tmp_path / "serve.log")
+    url, server, log = lora_server.url, lora_server.proc, lora_server.log
     try:
         params["annotate"].update(backend="openai")
-        params["annotate"]["openai"].update(base_url=url, model=str(smollm2_dir), timeout=5, max_retries=1,
+        params["annotate"]["openai"].update(base_url=url, model="base", timeout=5, max_retries=1,
                                             concurrency=2, batch_size=8)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
         out = {"out": tmp_path / "annotated.parquet", "report": tmp_path / "annotation.json",
@@ -38,9 +40,9 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir):
         stage_log = tmp_path / "stage.log"
         with stage_log.open("wb") as fh:  # a file, not a pipe: nobody reads while it runs
             stage = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=fh)
-        log = tmp_path / "serve.log"
+        seen = len(log.read_text(errors="replace"))  # the chat test's requests came before
         deadline = time.monotonic() + 120
-        while "POST /v1/completions" not in log.read_text(errors="replace"):  # scoring has started
+        while "POST /v1/completions" not in log.read_text(errors="replace")[seen:]:  # scoring has started
             assert stage.poll() is None, stage_log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the stage never reached the endpoint"
             time.sleep(0.5)
