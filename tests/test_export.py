@@ -98,6 +98,7 @@ def test_export_check_refuses_weights_that_are_not_the_adapters(tmp_path, tiny_m
         export.check(tmp_path / "b", reference, PROMPTS, 1e-3)
 
 
+@pytest.mark.slow  # about 24 s: `make test-fast` stays under 3 minutes
 def test_gguf_quantised_reads_back_within_its_bounds(tmp_path, tiny_model_dir, adapters):
     """q8_0: the quantised file loads back through transformers and differs a little (KL > 0) from the weights; the
     bounds refuse it when set below what it reaches."""
