@@ -47,9 +47,9 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
     ``dtype: auto`` becomes bfloat16 where bf16 is native and float32 elsewhere (``politune.common.resolve_dtype``);
     every other key is passed to vLLM as it is.
     """
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
+    env = {ENV_KEYS["cpu_kvcache_space_gib"]: str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
     if engine.get("multiprocessing") is not None:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = str(int(bool(engine["multiprocessing"])))
+        env[ENV_KEYS["multiprocessing"]] = str(int(bool(engine["multiprocessing"])))
     options = {k: v for k, v in engine.items() if k not in ENV_KEYS}
     if "dtype" in options:
         options["dtype"] = resolve_dtype(options["dtype"])

@@ -287,11 +287,14 @@ class Pipeline:
     repro: str  # the output of the first `dvc repro`
 
 
+def needs_pipeline(item) -> bool:
+    return "pipeline" in item.fixturenames
+
+
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection
 def pytest_collection_modifyitems(config, items):
     """The tests on the tiny pipeline run last, in their file order (it is reproduced in the background meanwhile)."""
-    later = [item for item in items if "pipeline" in item.fixturenames]
-    items[:] = [item for item in items if "pipeline" not in item.fixturenames] + later
+    items[:] = [item for item in items if not needs_pipeline(item)] + [item for item in items if needs_pipeline(item)]
 
 
 @dataclass
@@ -306,7 +309,7 @@ class Background:
 def pipeline_in_background(request, tmp_path_factory):
     """Start the tiny pipeline's first `dvc repro` as the session begins, when a selected test needs it; the judge
     stage starts its own `vllm serve` there (the session's is started later, in the foreground)."""
-    if not any("pipeline" in item.fixturenames for item in request.session.items):
+    if not any(needs_pipeline(item) for item in request.session.items):
         yield None
         return
     import yaml
