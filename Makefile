@@ -29,8 +29,18 @@ repro: env
 	@test -d .dvc || $(BIN)/dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# The suite in two pytest processes side by side, one per core (each runs torch on one thread): lane 2 is the tiny
+# pipeline's `dvc repro` and the tests on it (marker `lane2`, tests/conftest.py), lane 1 the rest. Lane 2's output is
+# printed when both are done; the target fails if either lane does.
+PYTEST := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v --durations=15
 test: env
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v --durations=15
+	@tmp=$$(mktemp -d); \
+	$(PYTEST) -m lane2 -p no:cacheprovider --basetemp=$$tmp/lane2 > $$tmp/lane2.log 2>&1 & lane2=$$!; \
+	$(PYTEST) -m "not lane2" --basetemp=$$tmp/lane1; one=$$?; \
+	wait $$lane2; two=$$?; \
+	echo; echo "=================== lane 2 (the tiny pipeline and the tests on it) ==================="; \
+	cat $$tmp/lane2.log; rm -rf $$tmp; \
+	echo "make test: lane 1 exit $$one, lane 2 exit $$two"; test $$one -eq 0 && test $$two -eq 0
 
 test-fast: env
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -v -m "not slow"

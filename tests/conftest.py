@@ -202,8 +202,8 @@ def lora_server(smollm2_dir, tmp_path_factory):
 
 # --- one tiny pipeline repository per test run (tests/test_pipeline_e2e.py, then tests/test_team.py) --------------
 # Its first `dvc repro` (about 4 minutes here) runs in the background from the session's first test on, with one
-# torch thread, while the tests that do not need it run on the other core; the tests that need it run last, in file
-# order (most of the suite is one thread at a time: the second core was idle).
+# torch thread, while the tests that do not need it run; the tests that need it run last, in file order. `make test`
+# runs them in lane 2 (below), a pytest process beside the one that runs the rest.
 
 STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge", "export"}
 
@@ -289,6 +289,16 @@ class Pipeline:
 
 def needs_pipeline(item) -> bool:
     return "pipeline" in item.fixturenames
+
+
+# `make test` runs two pytest processes side by side, one per core (marker `lane2`, selected with -m): lane 2 holds the
+# tiny pipeline's `dvc repro`, the tests on it and, to balance the two, these modules; lane 1 everything else.
+LANE_TWO = {"test_pipeline_e2e.py", "test_team.py", "test_demo.py", "test_resume.py"}
+
+
+def pytest_itemcollected(item):
+    if needs_pipeline(item) or item.path.name in LANE_TWO:
+        item.add_marker(pytest.mark.lane2)
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection
