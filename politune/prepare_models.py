@@ -37,8 +37,21 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def materialise(source: str, out_dir: str | Path) -> dict:
-    """Load ``source`` and save it as a plain safetensors model directory with its tokenizer."""
+def read_chat_template(path: str | Path) -> str:
+    """A Jinja chat template file's text (``models.target_chat_template``)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError(f"models.target_chat_template: cannot read {path}: {exc.strerror or exc}") from exc
+    if "messages" not in text:
+        raise ParamsError(f"models.target_chat_template: {path} does not read `messages`: not a chat template")
+    return text
+
+
+def materialise(source: str, out_dir: str | Path, chat_template: str | None = None, role: str = "model") -> dict:
+    """Load ``source`` and save it as a plain safetensors model directory with its tokenizer; ``chat_template`` (the
+    Jinja text) replaces the tokenizer's own. The pipeline talks to every model through its chat template, so a model
+    that has none is an error here, not later."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +59,12 @@ def materialise(source: str, out_dir: str | Path) -> dict:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     log.info("loading %s %s", name, gguf_file or "")
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        fix = ("set models.target_chat_template to a Jinja file (configs/chat_templates/)" if role == "target" else
+               "the annotator must be an instruction-tuned model")
+        raise ParamsError(f"models.{role} {source}: the tokenizer has no chat template (a pretrained model); {fix}")
     loaded = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
     if gguf_file:
         # transformers refuses to save a GGUF-loaded model: rebuild a plain one from its config and weights.
@@ -75,11 +94,13 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
     models = params.models
     from politune.tracking import log_metrics, stage_run
 
+    template = read_chat_template(models.target_chat_template) if models.target_chat_template else None
     with stage_run("prepare_models", params, params_file) as mlflow:
         report = {
-            "annotator": materialise(models.annotator, paths.annotator_out),
-            "target": materialise(models.target, paths.target_out),
+            "annotator": materialise(models.annotator, paths.annotator_out, role="annotator"),
+            "target": materialise(models.target, paths.target_out, template, role="target"),
         }
+        report["target"]["chat_template"] = models.target_chat_template or "the model's own"
         write_json(paths.report, report)
         log_metrics(mlflow, {"annotator_parameters": report["annotator"]["parameters"],
                              "target_parameters": report["target"]["parameters"]})

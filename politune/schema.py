@@ -23,6 +23,7 @@ class Base(_Strict):
 class Models(_Strict):
     annotator: str = Field(min_length=1)
     target: str = Field(min_length=1)
+    target_chat_template: str | None = None  # a Jinja file for a target without a chat template (a pretrained model)
 
 
 class Ingest(_Strict):
