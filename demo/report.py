@@ -476,7 +476,7 @@ def verdict(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-SETTINGS = [("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
+SETTINGS = [("models", "target"), ("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
             ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"), ("datasets", "source"),
             ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "elicitation"),
             ("evaluate", "generate", "samples"),
@@ -509,14 +509,17 @@ def settings_markdown(settings: dict[str, Any] | None) -> str:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    """How a recipe's experiments ran, in a few words: where, the baseline commit, the steps, the elicitation."""
+    """How a recipe's experiments ran, in a few words: where, the baseline commit, the target model, the steps, the
+    elicitation."""
     settings = run.get("settings") or {}
     steps = f"{settings.get('sft.max_steps')} + {settings.get('dpo.max_steps')} steps"
     elicitation = (settings.get("evaluate.elicitation") or "forced_choice").replace("_", " ")
     if elicitation == "generate":
         samples = settings.get("evaluate.generate.samples")
         elicitation += f" ({samples} sample{'s' if samples != 1 else ''} per paraphrase)"
-    return f"{run.get('where', '')} at `{str(run.get('baseline', ''))[:7]}`, {steps}, {elicitation}"
+    target = settings.get("models.target")
+    target = f", target `{Path(target).name}`" if target else ""
+    return f"{run.get('where', '')} at `{str(run.get('baseline', ''))[:7]}`{target}, {steps}, {elicitation}"
 
 
 def merged_recipes(report: dict[str, Any], also: list[str]) -> dict[str, dict[str, Any]]:

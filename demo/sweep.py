@@ -4,7 +4,9 @@ The same experiments as ``make demo`` (``demo.run.experiments``: the recipes, th
 recipe, ``--set`` extras), each run as DVC would run it: the stages' own commands from ``dvc.yaml``
 (``build_datasets``, ``sft``, ``dpo``, ``evaluate``), with the experiment's params file, and every path a stage
 writes (and the later stages read) moved under ``--out/<experiment>/``. The target model (``models/target``, from
-``prepare_models``) and the inputs (``data/compass``, ``data/external/demo``, ``data/heldout/demo``) are shared.
+``prepare_models``) and the inputs (``data/compass``, ``data/external/demo``, ``data/heldout/demo``) are shared; an
+experiment whose ``models`` params differ (``--set models.target=...``) runs ``prepare_models`` into its own folder
+first.
 MLflow is off (``POLITUNE_MLFLOW=off``) and the judge is not run.
 
     python -m demo.sweep --data ../shared/reference/politune --recipes mirror,plain --out runs --jobs 4
@@ -51,10 +53,10 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
     return params
 
 
-def stage_commands(dvc_yaml: Path, params: dict, run_dir: Path) -> list[list[str]]:
+def stage_commands(dvc_yaml: Path, params: dict, run_dir: Path, names=STAGES) -> list[list[str]]:
     """Each stage's command from ``dvc.yaml`` (``${...}`` from params), its outputs' paths moved under ``run_dir``."""
     stages = read_yaml(dvc_yaml)["stages"]
-    produced = sorted({str(o if isinstance(o, str) else next(iter(o))).rstrip("/") for name in STAGES
+    produced = sorted({str(o if isinstance(o, str) else next(iter(o))).rstrip("/") for name in names
                        for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind) or []}
                       | {"reports", "checkpoints"}, key=len, reverse=True)
 
@@ -63,7 +65,7 @@ def stage_commands(dvc_yaml: Path, params: dict, run_dir: Path) -> list[list[str
         return str(run_dir / arg) if hit else arg
 
     commands = []
-    for name in STAGES:
+    for name in names:
         cmd = stages[name]["cmd"].replace("${launch.training}", params["launch"]["training"])
         args = shlex.split(cmd)
         start = args.index("-m")
@@ -77,12 +79,14 @@ def run_experiment(name: str, flags: list[str], params_path: Path, out: Path) ->
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    base = read_yaml(params_path)
     params = apply_overrides(read_yaml(params_path), flags)
+    names = (("prepare_models",) if params["models"] != base["models"] else ()) + STAGES
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "POLITUNE_MLFLOW": "off"}
     started, stages = time.monotonic(), {}
     with (run_dir / "log.txt").open("w", encoding="utf-8") as log:
-        for cmd in stage_commands(Path("dvc.yaml"), params, run_dir):
+        for cmd in stage_commands(Path("dvc.yaml"), params, run_dir, names):
             stage = cmd[2].split(".")[-1]
             t0 = time.monotonic()
             log.write("$ " + shlex.join(cmd) + "\n")

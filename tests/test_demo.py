@@ -244,7 +244,8 @@ def test_report_from_experiments(tmp_path, monkeypatch, compass):
     assert "- `dpo.max_steps`: `20`" in summary and "- `datasets.mirror`: `{\"source\": \"annotated\"" in summary
     assert out["recipes"]["mirror"]["run"]["settings"]["dpo.max_steps"] == 20
     assert out["recipes"]["mirror"]["run"]["experiment"] == "demo-mirror-right"
-    assert "| mirror (headline) | DVC experiments at `" + head[:7] + "`, " in summary
+    assert "| mirror (headline) | DVC experiments at `" + head[:7] + "`, target `SmolLM2-135M-Instruct.Q4_1.gguf`, " \
+        in summary
     assert "Political Compass, economic axis, right minus left: 2 recipe runs; the interval excludes 0 in the " \
            "paper's direction in 1, the wrong way in 1" in summary
     # another report's recipes join the table (--also): a stance run written to its own folder, under a new name
@@ -317,6 +318,12 @@ def test_sweep_flags_follow_dvc_overrides():
     assert arg["--sft"] == str(ROOT / "runs" / "x" / "models" / "sft")
     assert arg["--pairs"] == str(ROOT / "runs" / "x" / "data" / "datasets" / "dpo")
     assert arg["--metrics"] == str(ROOT / "runs" / "x" / "reports" / "metrics.json")
+    # Another target (--set models.target=...): prepare_models runs first, and the later stages read its copy.
+    cmds = sweep.stage_commands(ROOT / "dvc.yaml", {"launch": {"training": "python"}}, ROOT / "runs" / "x",
+                                ("prepare_models", *sweep.STAGES))
+    assert [c[2] for c in cmds][:2] == ["stages.prepare_models", "stages.build_datasets"]
+    assert cmds[0][cmds[0].index("--target-out") + 1] == str(ROOT / "runs" / "x" / "models" / "target")
+    assert cmds[-1][cmds[-1].index("--model") + 1] == str(ROOT / "runs" / "x" / "models" / "target")
 
 
 @pytest.mark.slow
