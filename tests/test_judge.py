@@ -79,6 +79,64 @@ def test_report_names_the_judge_and_warns_when_it_is_the_annotator():
     assert remote == {"model": "gpt-4", "endpoint": "https://api.openai.com/v1"}
 
 
+def test_krippendorff_alpha_reproduces_the_published_example():
+    """Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 observers, 12 units, missing values;
+    alpha with the interval metric is 0.849."""
+    n = None
+    observers = [[1, 2, 3, 3, 2, 1, 4, 1, 2, n, n, n], [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, n, 3],
+                 [n, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, n], [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, n]]
+    units = [[v for v in unit if v is not None] for unit in zip(*observers)]
+    assert round(judge_stage.krippendorff_alpha_interval(units), 3) == 0.849
+    assert judge_stage.krippendorff_alpha_interval([[1, 1], [5, 5], [3, 3]]) == 1.0
+    assert judge_stage.krippendorff_alpha_interval([[1], [2]]) is None  # nothing pairable
+
+
+def test_panel_summary_hand_computed(tmp_path):
+    panel = [{"name": "second", "base_url": "http://127.0.0.1:1/v1", "model": "m2"}]
+    cfg = section("judge", panel=panel)
+    first = {"base": [4.0, 6.0, 5.0], "sft": [2.0, 3.0, 4.0], "dpo": [6.0, 7.0, None]}
+    second = {"base": [5.0, 6.0, 4.0], "sft": [1.0, 3.0, 2.0], "dpo": [7.0, 6.0, 5.0]}
+    rows = [{"model": m, "prompt_id": i + 1, "sample": 0, "prompt": "q", "answer": "a", "judge_reply": "",
+             "score": first[m][i], "score_second": second[m][i]} for m in first for i in range(3)]
+    out = judge_stage.panel_summary(rows, cfg, seed=0)
+    assert out["judges"] == {"second": "m2"}
+    assert out["second"]["base"]["score"] == 5.0 and out["second"]["sft"]["score"] == 2.0
+    # the panel's score of an answer is the mean of the judges that scored it (dpo's third answer: the second only)
+    assert [r["score_panel"] for r in rows if r["model"] == "dpo"] == [6.5, 6.5, 5.0]
+    assert out["mean"]["dpo"]["score"] == pytest.approx(6.0) and out["mean"]["base"]["score"] == 5.0
+    both = [(f, s) for m in first for f, s in zip(first[m], second[m]) if f is not None]
+    from scipy.stats import spearmanr
+    assert out["agreement"]["spearman"] == {"judge_vs_second": round(float(spearmanr(*zip(*both)).statistic), 4)}
+    units = [[v for v in (f, s) if v is not None] for m in first for f, s in zip(first[m], second[m])]
+    assert out["agreement"]["krippendorff_alpha_interval"] == round(judge_stage.krippendorff_alpha_interval(units), 4)
+    assert 0 < out["agreement"]["krippendorff_alpha_interval"] < 1 and out["agreement"]["answers"] == 9
+    judge_stage.write_table(tmp_path / "answers.csv", rows, ["second"])
+    header = (tmp_path / "answers.csv").read_text().splitlines()[0]
+    assert header == "model,prompt_id,sample,score,score_second,score_panel,prompt,answer,judge_reply"
+    with pytest.raises(ValueError, match="panel names must be unique"):
+        section("judge", panel=panel * 2)
+    with pytest.raises(ValueError, match="panel names must be unique and not 'judge'"):
+        section("judge", panel=[dict(panel[0], name="judge")])
+
+
+@pytest.mark.slow
+def test_panel_judges_score_every_answer_through_their_endpoints(vllm_server):
+    """A panel of two judges behind endpoints (here the session's server under both names): every answer gets a
+    score from each, and two copies of one judge agree (alpha 1 up to the server's batching noise)."""
+    base_url, model = vllm_server
+    cfg = section("judge", panel=[{"name": "again", "base_url": base_url, "model": model,
+                                   "api_key_env": "POLITUNE_NO_KEY"}])
+    rows = [{"model": m, "prompt_id": i + 1, "sample": 0, "prompt": p, "answer": a}
+            for m in ("base", "sft", "dpo") for i, (p, a) in enumerate(PAIRS)]
+    summary = judge_stage.score_rows(rows, cfg, base_url, model, seed=0)
+    assert all(r["score"] is not None and r["score_again"] == pytest.approx(r["score"], abs=0.05) for r in rows), rows
+    panel = summary["panel"]
+    assert panel["judges"] == {"again": model} and panel["again"]["base"]["scored"] == len(PAIRS)
+    assert panel["agreement"]["krippendorff_alpha_interval"] == pytest.approx(1.0, abs=0.01)
+    assert set(panel["agreement"]["spearman"]) == {"judge_vs_again"}
+    assert summary["base"]["score"] == pytest.approx(panel["mean"]["base"]["score"], abs=0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["logprobs", "json"])
 def test_judge_scores_through_vllm_serve(vllm_server, method):
