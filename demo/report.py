@@ -566,6 +566,8 @@ def main(argv=None) -> None:
         sweep = json.loads((RUNS / "sweep.json").read_text(encoding="utf-8"))
         baseline, source = sweep["commit"], f"`demo.sweep` runs without DVC on {sweep['machine']}"
         where = f"demo.sweep on {sweep['machine']}"
+        if "previous" in sweep:  # a --from run: the models were trained by the run it continued
+            where += f", trained at `{sweep['previous']['commit'][:7]}`, evaluated"
     else:
         baseline, source = baseline_rev(args.baseline), "the demo's DVC experiments"
         where = "DVC experiments"

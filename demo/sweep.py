@@ -74,20 +74,52 @@ def stage_commands(dvc_yaml: Path, params: dict, run_dir: Path, names=STAGES) ->
     return commands
 
 
-def run_experiment(name: str, flags: list[str], params_path: Path, out: Path) -> dict:
+def stale_params(dvc_yaml: Path, skipped: tuple[str, ...], old: dict, new: dict) -> list[str]:
+    """The params sections that ``skipped`` stages declare in ``dvc.yaml`` and that differ between the params the
+    run was made with (``old``) and the new ones: what makes reusing those stages' outputs stale."""
+    stages = read_yaml(dvc_yaml)["stages"]
+    sections = {str(p) for name in skipped for p in stages[name].get("params") or []}
+    return sorted(k for k in sections if old.get(k) != new.get(k))
+
+
+def plan(name: str, flags: list[str], params_path: Path, run_dir: Path,
+         start: str | None) -> tuple[dict, tuple, tuple]:
+    """An experiment's params, its stages (``prepare_models`` first when its ``models`` differ), and those to run:
+    from ``start`` on when given, which needs an earlier run in ``run_dir`` whose skipped stages' params are
+    unchanged."""
+    base = read_yaml(params_path)
+    params = apply_overrides(read_yaml(params_path), flags)
+    names = (("prepare_models",) if params["models"] != base["models"] else ()) + STAGES
+    if not start:
+        return params, names, names
+    if start not in names:
+        raise InputError(f"--from {start}: experiment {name} runs {', '.join(names)}")
+    if not (run_dir / "params.yaml").is_file():
+        raise InputError(f"--from {start}: {run_dir} holds no earlier run (no params.yaml)")
+    skipped = names[:names.index(start)]
+    stale = stale_params(Path("dvc.yaml"), skipped, read_yaml(run_dir / "params.yaml"), params)
+    if stale:
+        raise InputError(f"--from {start}: experiment {name}'s params {', '.join(stale)} changed since its "
+                         f"{', '.join(skipped)} ran; rerun it without --from")
+    return params, names, names[names.index(start):]
+
+
+def run_experiment(name: str, flags: list[str], params_path: Path, out: Path, start: str | None = None) -> dict:
+    """Run one experiment's stages in ``out/<name>``; ``start`` reruns from that stage on, reusing the earlier
+    stages' outputs there, and refuses when a params section they declare has changed since (a stale run)."""
     import yaml
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = read_yaml(params_path)
-    params = apply_overrides(read_yaml(params_path), flags)
-    names = (("prepare_models",) if params["models"] != base["models"] else ()) + STAGES
+    params, names, to_run = plan(name, flags, params_path, run_dir, start)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "POLITUNE_MLFLOW": "off"}
     started, stages = time.monotonic(), {}
     with (run_dir / "log.txt").open("w", encoding="utf-8") as log:
         for cmd in stage_commands(Path("dvc.yaml"), params, run_dir, names):
             stage = cmd[2].split(".")[-1]
+            if stage not in to_run:  # its outputs in run_dir are reused
+                continue
             t0 = time.monotonic()
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
@@ -97,7 +129,8 @@ def run_experiment(name: str, flags: list[str], params_path: Path, out: Path) ->
                 raise InputError(f"experiment {name}: stage {stage} failed (exit {proc.returncode}); see "
                                  f"{run_dir / 'log.txt'}")
             print(f"{name}: {stage} done in {stages[stage]} s", flush=True)
-    return {"flags": flags, "seconds": round(time.monotonic() - started, 1), "stages": stages}
+    return {"flags": flags, "seconds": round(time.monotonic() - started, 1), "stages": stages,
+            **({"from": start} if start else {})}
 
 
 def machine() -> str:
@@ -117,6 +150,9 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="experiments side by side")
     parser.add_argument("--commit", help="the git commit of this working tree (recorded; default: git rev-parse)")
     parser.add_argument("--only", help="comma-separated experiment names to run (default: all)")
+    parser.add_argument("--from", dest="start", choices=("prepare_models", *STAGES),
+                        help="rerun from this stage on in existing run folders (e.g. evaluate with other evaluate "
+                             "params), reusing the earlier stages' outputs; refused when their params changed")
     args = parser.parse_args(argv)
     if args.data == "annotated":
         raise InputError("--data annotated needs the annotate stage: run `make demo` where DVC is installed")
@@ -133,6 +169,8 @@ def main(argv=None) -> None:
     split_files(Path(args.data), {"right": args.right_file, "left": args.left_file}, args.heldout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name, flags in exps.items():  # a stale or missing earlier run stops the sweep before anything is written
+        plan(name, flags, Path(args.params), out / name, args.start)
     commit = args.commit
     if not commit:
         got = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -140,11 +178,13 @@ def main(argv=None) -> None:
     # Written first and after each experiment, so a sweep stopped midway still records what it finished.
     record = {"commit": commit, "machine": machine(), "recipes": recipes, "planned": list(exps), "experiments": {},
               "seconds": None}
+    if args.start and (out / "sweep.json").is_file():  # the run this one continues: its record is kept
+        record["previous"] = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     write_json(out / "sweep.json", record)
     started = time.monotonic()
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_experiment, name, flags, Path(args.params), out): name
+        futures = {pool.submit(run_experiment, name, flags, Path(args.params), out, args.start): name
                    for name, flags in exps.items()}
         for future in as_completed(futures):
             try:

@@ -356,7 +356,21 @@ def test_sweep_runs_the_stages_without_dvc_and_the_report_reads_it(tmp_path, mon
     assert not (root / "models" / "dpo").exists() and not (root / "mlflow.db").exists(), "outputs stay in the run"
     metrics = json.loads((run_dir / "reports" / "metrics.json").read_text())
     assert set(metrics["dpo"]["side_preference"]) == {"right_data", "left_data"}
+    # --from evaluate: evaluate again with other evaluate params on the same trained models; a changed training
+    # param makes the reuse stale, and it is refused
+    adapter = (run_dir / "models" / "dpo" / "adapter_model.safetensors").stat().st_mtime_ns
+    common = ["--data", str(data), "--heldout", "4", "--steps", "2", "--no-ablation", "--only", "demo-mirror-right",
+              "--out", "runs", "--commit", "def5678", *[x for s in small for x in ("--set", s)]]
+    with pytest.raises(InputError, match="params dpo changed since its build_datasets, sft, dpo ran"):
+        sweep.main([*common, "--from", "evaluate", "--set", "dpo.beta=0.3"])
+    sweep.main([*common, "--from", "evaluate", "--set", "evaluate.bootstrap=60"])
+    record = json.loads((root / "runs" / "sweep.json").read_text())
+    assert list(record["experiments"]["demo-mirror-right"]["stages"]) == ["evaluate"]
+    assert record["previous"]["commit"] == "abc1234", "the continued run's record is kept"
+    assert yaml_load(run_dir / "params.yaml")["evaluate"]["bootstrap"] == 60
+    assert (run_dir / "models" / "dpo" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
     report.main(["--runs", "runs", "--bootstrap", "50", "--permutations", "50", "--no-mlflow"])
     summary = (root / "reports" / "demo" / "summary.md").read_text()
-    assert "`demo.sweep` runs without DVC" in summary and "baseline `abc1234`" in summary
+    assert "`demo.sweep` runs without DVC" in summary and "baseline `def5678`" in summary
+    assert ", trained at `abc1234`, evaluated at `def5678`" in summary
     assert "right minus base" in summary and "right minus left" not in summary
