@@ -208,7 +208,7 @@ class PanelJudge(_Strict):
     """A further judge behind an OpenAI-compatible endpoint (``judge.panel``); timeout, retries and concurrency are
     ``judge.endpoint``'s."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # its key in reports/judge.json and its column in the answers
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # its key in the judge's metrics and its answers column
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"

@@ -118,7 +118,7 @@ def copy_project(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"):
         shutil.copy2(ROOT / name, dest / name)
-    for package in ("stages", "politune"):
+    for package in ("stages", "politune", "configs"):
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "raw", dest / "data" / "raw")
     shutil.copytree(ROOT / "data" / "compass", dest / "data" / "compass")
