@@ -476,8 +476,9 @@ def verdict(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-SETTINGS = [("models", "target"), ("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"), ("dpo", "learning_rate"),
-            ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"), ("datasets", "source"),
+SETTINGS = [("models", "target"), ("sft", "max_steps"), ("sft", "learning_rate"), ("dpo", "max_steps"),
+            ("dpo", "learning_rate"), ("dpo", "beta"), ("dpo", "bf16"), ("lora", "r"), ("lora", "target_modules"),
+            ("datasets", "source"),
             ("datasets", "mirror"), ("datasets", "stance", "fraction"), ("evaluate", "elicitation"),
             ("evaluate", "generate", "samples"),
             ("evaluate", "side_preference", "heldout"), ("evaluate", "side_preference", "max_pairs")]

@@ -104,14 +104,15 @@ def plan(name: str, flags: list[str], params_path: Path, run_dir: Path,
     return params, names, names[names.index(start):]
 
 
-def run_experiment(name: str, flags: list[str], params_path: Path, out: Path, start: str | None = None) -> dict:
-    """Run one experiment's stages in ``out/<name>``; ``start`` reruns from that stage on, reusing the earlier
-    stages' outputs there, and refuses when a params section they declare has changed since (a stale run)."""
+def run_experiment(name: str, flags: list[str], planned: tuple[dict, tuple, tuple], out: Path,
+                   start: str | None = None) -> dict:
+    """Run one experiment's stages in ``out/<name>`` as ``planned`` (``plan``: its params, its stages, those to
+    run); the earlier stages' outputs there are reused."""
     import yaml
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    params, names, to_run = plan(name, flags, params_path, run_dir, start)
+    params, names, to_run = planned
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "POLITUNE_MLFLOW": "off"}
     started, stages = time.monotonic(), {}
@@ -169,8 +170,8 @@ def main(argv=None) -> None:
     split_files(Path(args.data), {"right": args.right_file, "left": args.left_file}, args.heldout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, flags in exps.items():  # a stale or missing earlier run stops the sweep before anything is written
-        plan(name, flags, Path(args.params), out / name, args.start)
+    # every experiment planned first: a stale or missing earlier run (--from) stops the sweep before anything is written
+    plans = {name: plan(name, flags, Path(args.params), out / name, args.start) for name, flags in exps.items()}
     commit = args.commit
     if not commit:
         got = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -184,7 +185,7 @@ def main(argv=None) -> None:
     started = time.monotonic()
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_experiment, name, flags, Path(args.params), out, args.start): name
+        futures = {pool.submit(run_experiment, name, flags, plans[name], out, args.start): name
                    for name, flags in exps.items()}
         for future in as_completed(futures):
             try:
