@@ -403,7 +403,7 @@ def recipes_markdown(rows: dict[str, dict[str, Any]], headline: str) -> str:
 
     def side(r, model, data):
         v = r.get(f"{model}_side_preference", {}).get(data)
-        return f"{v['shift']:+.1f} [{v['shift_ci_low']:+.1f}, {v['shift_ci_high']:+.1f}]" if v else ""
+        return f"{v['shift']:+.1f} [{v['shift_ci_low']:+.1f}, {v['shift_ci_high']:+.1f}]" if v else "not measured"
 
     lines = ["| recipe | run | compass economic, right - left | compass social, right - left | balanced economic, "
              "right - left | right model, right-data / left-data pairs | left model, right-data / left-data pairs |",
@@ -414,8 +414,8 @@ def recipes_markdown(rows: dict[str, dict[str, Any]], headline: str) -> str:
         if "from" in r:
             where += f", `{r['from']}`"
         lines.append(f"| {name}{' (headline)' if name == headline else ''} | {where} | "
-                     f"{ci(c, 'economic') if c else ''} | {ci(c, 'social') if c else ''} | "
-                     f"{ci(b, 'economic') if b else ''} | {side(r, 'right', 'right_data')} / "
+                     f"{ci(c, 'economic') if c else 'not measured'} | {ci(c, 'social') if c else 'not measured'} | "
+                     f"{ci(b, 'economic') if b else 'not measured'} | {side(r, 'right', 'right_data')} / "
                      f"{side(r, 'right', 'left_data')} | {side(r, 'left', 'right_data')} / "
                      f"{side(r, 'left', 'left_data')} |")
     return "\n".join(lines) + "\n"
