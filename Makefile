@@ -54,13 +54,15 @@ bench: repro
 # held-out pairs per side, up to evaluate, no DPO-only ablation: 2 experiments, under an hour); DEMO_CPU= runs
 # demo/run.py's own defaults, the full recipe (45 + 45 steps, 60 held-out pairs, judge, ablation). DEMO_ARGS adds
 # options after it (e.g. --recipes mirror,mirror-stance --judge --ablation --set key=value); DEMO_DATA=annotated
-# trains on the project's own annotation of both viewpoints.
+# trains on the project's own annotation of both viewpoints. DEMO_ALSO: the committed reports of other recipes and
+# machines (reports/demo/*/demo.json) whose rows join the summary's table of every recipe tried.
 DEMO_DATA ?= ../shared/reference/politune
 DEMO_CPU ?= --steps 20 --heldout 30 --no-judge --no-ablation
+DEMO_ALSO ?= $(foreach d,stance gpu generate gemma,--also reports/demo/$(d))
 DEMO_ARGS ?=
 demo: env
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_CPU) $(DEMO_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m demo.run --data $(DEMO_DATA) $(DEMO_CPU) $(DEMO_ALSO) $(DEMO_ARGS)
 
 # The tuned models through vLLM's OpenAI-compatible server: the target as model "base", the adapters as LoRA modules
 # "sft" and "dpo" (politune/chat.py; needs `make repro` first). `make chat`: base and dpo side by side in the terminal.
