@@ -29,9 +29,11 @@ left-voiced answer of held-out preference pairs, as a shift from the base model 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,48 +171,75 @@ def side_summary(model, tokenizer, name: str, pairs, cfg: Evaluate, seed: int, d
                                      seed)
 
 
+class Clock:
+    """Wall seconds spent in each named part: ``with clock("part"): ...`` adds to ``clock.seconds["part"]``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluate, seed: int,
-             trajectory: dict[int, str] | None = None, twins: Compass | None = None, pairs=None):
+             trajectory: dict[int, str] | None = None, twins: Compass | None = None, pairs=None,
+             seconds: dict[str, float] | None = None):
     """Return (summaries per model, paraphrases x items x 4 probabilities per model, trajectory rows, the twins'
     probabilities per model, the side-preference differences per model).
 
     ``trajectory`` maps DPO steps to adapter directories (snapshots saved by the dpo stage); each is evaluated the
     same way, and step 0 is the SFT adapter, where DPO starts. With ``twins`` each model also answers the reversed
     twins (summary key ``balanced``); with ``pairs`` (``side_preference.Pairs``), the side preference is measured
-    (key ``side_preference``, and per trajectory step).
+    (key ``side_preference``, and per trajectory step). ``seconds``, when given, receives the wall time of each part:
+    ``load`` (model and adapters), ``compass`` (every model's answers, twins included) and ``side_preference``.
     """
+    clock = Clock()
     trajectory = dict(trajectory or {})
     final = _weights_digest(adapters["dpo"])
     same_as_dpo = [n for n, path in trajectory.items() if _weights_digest(path) == final]
     steps = {f"step-{n}": path for n, path in sorted(trajectory.items()) if n not in same_as_dpo}
-    model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
+    with clock("load"):
+        model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
     probs, summaries, twin_probs, differences = {}, {}, {}, {}
     n_boot = cfg.bootstrap
     for name in MODELS:
-        probs[name], extra = elicit(model, tokenizer, name, compass, cfg, seed)
+        with clock("compass"):
+            probs[name], extra = elicit(model, tokenizer, name, compass, cfg, seed)
         summaries[name] = {**summarise(compass, probs[name], n_boot, seed), **extra}
         log.info("%s: %s", name, {k: summaries[name][k] for k in ("economic", "social", "distinct_answers")})
         if twins is not None:
-            twin_probs[name], _ = elicit(model, tokenizer, name, twins, cfg, seed)
+            with clock("compass"):
+                twin_probs[name], _ = elicit(model, tokenizer, name, twins, cfg, seed)
             summaries[name]["balanced"] = balanced_summary(compass, twins, probs[name], twin_probs[name], n_boot, seed)
             log.info("%s balanced: %s", name, summaries[name]["balanced"])
         if pairs is not None and len(pairs):
-            summaries[name]["side_preference"] = side_summary(model, tokenizer, name, pairs, cfg, seed, differences)
+            with clock("side_preference"):
+                summaries[name]["side_preference"] = side_summary(model, tokenizer, name, pairs, cfg, seed,
+                                                                  differences)
             log.info("%s side preference: %s", name, {k: v["shift"] for k, v in
                                                       summaries[name]["side_preference"].items()})
     rows = []
     if trajectory:
         for step, name in [(0, "sft")] + [(n, f"step-{n}") for n in sorted(trajectory)]:
             name = "dpo" if step in same_as_dpo else name  # the last snapshot is the DPO adapter itself
-            p = probs[name] if name in probs else elicit(model, tokenizer, name, compass, cfg, seed)[0]
+            with clock("compass"):
+                p = probs[name] if name in probs else elicit(model, tokenizer, name, compass, cfg, seed)[0]
             s = summarise(compass, p, n_boot, seed)
             row = {"step": step, **{k: s[k] for k in ("economic", "social", "economic_expected", "social_expected")}}
             if pairs is not None and len(pairs):
-                sides = (summaries[name]["side_preference"] if name in summaries
-                         else side_summary(model, tokenizer, name, pairs, cfg, seed, differences))
+                with clock("side_preference"):
+                    sides = (summaries[name]["side_preference"] if name in summaries
+                             else side_summary(model, tokenizer, name, pairs, cfg, seed, differences))
                 row.update({f"side_{k}_shift": v["shift"] for k, v in sides.items()})
             rows.append(row)
             log.info("trajectory step %d: %s", step, row)
+    if seconds is not None:
+        seconds.update({k: round(v, 1) for k, v in clock.seconds.items()})
     return summaries, probs, rows, twin_probs, differences
 
 
@@ -266,8 +295,10 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         twins = load_twins(paths.twins, compass) if cfg.balanced and paths.twins else None
         pairs, sources = side_preference.collect(paths.pairs, cfg.side_preference)
         log.info("side preference: %d pairs %s", len(pairs), sources)
+        seconds = {}
         summaries, probs, path, twin_probs, differences = evaluate(
-            paths.model, {"sft": paths.sft, "dpo": paths.dpo}, compass, cfg, seed, steps, twins, pairs)
+            paths.model, {"sft": paths.sft, "dpo": paths.dpo}, compass, cfg, seed, steps, twins, pairs, seconds)
+        log.info("seconds: %s", seconds)
         write_json(paths.metrics, summaries)
         if paths.twin_answers and twin_probs:
             write_answer_table(paths.twin_answers, twins, twin_probs)
@@ -287,6 +318,7 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         write_answer_table(paths.answers, compass, probs)
         plot_compass(summaries, paths.plot, "Political Compass: base -> SFT -> DPO", path)
         log_metrics(mlflow, summaries)
+        log_metrics(mlflow, {f"seconds_{part}": v for part, v in seconds.items()})
         for path in (paths.plot, paths.answers):
             log_artifacts(mlflow, path)
 

@@ -80,17 +80,50 @@ def option_token_ids(tokenizer, n_options: int = 4) -> list[int]:
 
 
 def option_logprobs(model, tokenizer, prompts: list[str], option_ids: list[int], batch_size: int) -> np.ndarray:
-    """Log-probabilities of the options as the next token after each chat prompt, renormalised over the options."""
+    """Log-probabilities of the options as the next token after each chat prompt, renormalised over the options.
+
+    Only the next-token distribution is needed, so the work is cut to what it depends on: the tokens every prompt
+    shares (the chat template's opening, often a system prompt) go through the model once and their keys and values
+    are reused by every batch; the rest of each prompt is left-padded after that shared prefix, with its own
+    positions, in batches of similar length; and the vocabulary projection runs for the last position only. The
+    result equals a plain padded forward pass of each whole prompt up to floating-point rounding
+    (``tests/test_inference.py`` holds the two to the same answers)."""
+    import copy
+
     import torch
 
-    out = []
+    texts = chat_texts(tokenizer, prompts)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not ids:
+        return np.zeros((0, len(option_ids)), dtype=np.float32)
+    shared = 0  # tokens every prompt starts with, leaving each at least one of its own
+    limit = min(len(x) for x in ids) - 1
+    while shared < limit and all(x[shared] == ids[0][shared] for x in ids):
+        shared += 1
+    dev = model.device
+    out = np.zeros((len(ids), len(option_ids)), dtype=np.float32)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
+    pad = tokenizer.pad_token_id
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            texts = chat_texts(tokenizer, prompts[start : start + batch_size])
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            logits = model(**enc).logits[:, -1, :].float()
-            out.append(torch.log_softmax(logits[:, option_ids], dim=-1).cpu().numpy())
-    return np.concatenate(out)
+        prefix = None
+        if shared:
+            prefix = model(input_ids=torch.tensor([ids[0][:shared]], device=dev), use_cache=True).past_key_values
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            rest = [ids[i][shared:] for i in rows]
+            width = max(len(r) for r in rest)
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=dev)
+            own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=dev)
+            mask = torch.cat([torch.ones(len(rows), shared, dtype=own.dtype, device=dev), own], dim=1)
+            positions = (shared + own.cumsum(dim=1) - 1).clamp(min=shared)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(rows))
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=prefix is not None, logits_to_keep=1).logits[:, -1, :].float()
+            out[rows] = torch.log_softmax(logits[:, option_ids], dim=-1).cpu().numpy()
+    return out
 
 
 def generate_chats(model, tokenizer, chats: list[list[dict[str, str]]], max_new_tokens: int, temperature: float,

@@ -93,3 +93,55 @@ def test_generate_then_classify(smollm2, tmp_path):
     assert extra["free_answers"] == 3 * 2 * 2 and 0 <= extra["refusals"] <= 12
     again, _ = elicit(*smollm2, "base", compass, cfg, seed=0)
     assert np.allclose(probs, again), "seeded sampling must be reproducible"
+
+
+def plain_option_logprobs(model, tokenizer, prompts, option_ids, batch_size):
+    """The forced choice as evaluate computed it before the shared-prefix path: each whole chat prompt left-padded in
+    its batch, the logits of every position, the last one read."""
+    import torch
+
+    from politune.inference import chat_texts
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(chat_texts(tokenizer, prompts[start : start + batch_size]), return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(model.device)
+            logits = model(**enc).logits[:, -1, :].float()
+            out.append(torch.log_softmax(logits[:, option_ids], dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.slow
+def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_path):
+    """The evaluate-equivalence check (issue 18): on SmolLM2, as base and with a LoRA adapter that changes its
+    answers, the fast path (shared chat prefix computed once, length-sorted batches, last-position logits only) gives
+    the same answer per proposition and paraphrase as the plain padded forward pass, and the same probabilities
+    within 1e-4."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from politune.inference import load_with_adapters, option_logprobs, option_token_ids, use
+
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: B is zero at initialisation
+            torch.nn.init.normal_(param, std=0.02)
+    peft.save_pretrained(tmp_path / "adapter")
+    model, tokenizer = load_with_adapters(smollm2_dir, {"tuned": tmp_path / "adapter"})
+    compass = load_compass(ROOT / "data" / "compass" / "political_compass.json")
+    options = option_token_ids(tokenizer, 4)
+    answers = {}
+    for name, template in (("base", 0), ("tuned", 1)):
+        prompts = [PARAMS["evaluate"]["templates"][template].format(statement=s) for s in compass.statements]
+        with use(model, name):
+            fast = option_logprobs(model, tokenizer, prompts, options, batch_size=16)
+            plain = plain_option_logprobs(model, tokenizer, prompts, options, batch_size=16)
+        assert fast.shape == plain.shape == (62, 4)
+        assert (fast.argmax(axis=1) == plain.argmax(axis=1)).all(), name
+        assert np.abs(np.exp(fast) - np.exp(plain)).max() < 1e-4, (name, np.abs(np.exp(fast) - np.exp(plain)).max())
+        answers[name] = fast.argmax(axis=1)
+    assert (answers["base"] != answers["tuned"]).any(), "the adapter must change some answers, or it tests nothing"
