@@ -23,6 +23,7 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
@@ -63,6 +64,27 @@ def method_classes(method: str):
     return getattr(mod, config), getattr(mod, trainer)
 
 
+def precompute_pays(values: dict[str, Any], n_train: int) -> bool:
+    """Whether computing the frozen reference's log-probabilities once for every training pair, before training,
+    costs less than computing them for each batch as it comes: it does when the run sees the average pair more than
+    once (``max_steps`` x batch x accumulation, or the epochs, against the training pairs). A run shorter than one
+    epoch would precompute pairs it never uses (measured by ``bench.dpo``)."""
+    steps = values.get("max_steps", -1)
+    if steps is None or steps <= 0:
+        return float(values.get("num_train_epochs", 3.0)) > 1
+    per_step = values.get("per_device_train_batch_size", 8) * values.get("gradient_accumulation_steps", 1)
+    return steps * per_step > n_train
+
+
+def resolve_precompute(values: dict[str, Any], n_train: int, section: str) -> dict[str, Any]:
+    """``precompute_ref_log_probs: auto`` (not a TRL value) becomes true exactly when ``precompute_pays``."""
+    if values.get("precompute_ref_log_probs") == "auto":
+        values["precompute_ref_log_probs"] = precompute_pays(values, n_train)
+        log.info("%s.precompute_ref_log_probs: auto -> %s (%d training pairs, max_steps %s)", section,
+                 values["precompute_ref_log_probs"], n_train, values.get("max_steps"))
+    return values
+
+
 def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, resume=False, trajectory_dir=None,
           callbacks=()):
     """Train the preference-tuned adapter with ``recipe.method`` (``callbacks``: more ``TrainerCallback``s, e.g. the
@@ -72,15 +94,16 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
     seed = params.base.seed
     method = params.recipe.method
     config_class, trainer_class = method_classes(method)
-    config = strict_config(config_class, method, getattr(params, method), defaults=CHECKPOINT_DEFAULTS,
-                           output_dir=str(work_dir), seed=seed)
+    splits = load_splits(data_dir)
+    values = resolve_precompute(dict(getattr(params, method)), len(splits["train"]), method)
+    config = strict_config(config_class, method, values, defaults=CHECKPOINT_DEFAULTS, output_dir=str(work_dir),
+                           seed=seed)
     seed_everything(seed)
     base, tokenizer = load_target(model_dir)
     if params.recipe.dpo_start == "sft":
         model, peft_config = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), None
     else:  # a fresh adapter from the lora params (what SFT would train); the SFT adapter is not read
         model, peft_config = base, strict_config(LoraConfig, "lora", params.lora)
-    splits = load_splits(data_dir)
     trainer = trainer_class(model=model, args=config, train_dataset=splits["train"], peft_config=peft_config,
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
                          callbacks=[*callbacks, *([snapshot_callback(Path(work_dir) / "trajectory")]

@@ -27,6 +27,21 @@ def test_strict_config_rejects_typos_and_pipeline_keys():
     assert cfg.beta == 0.2 and cfg.seed == 3
 
 
+def test_precompute_ref_log_probs_auto_only_when_the_run_sees_the_pairs_more_than_once():
+    from politune.dpo import precompute_pays, resolve_precompute
+
+    # the default CPU run: 20 steps x 4 pairs = 80 pairs seen, 172 training pairs: computing 172 up front loses
+    assert not precompute_pays({"max_steps": 20, "per_device_train_batch_size": 4}, 172)
+    assert precompute_pays({"max_steps": 45, "per_device_train_batch_size": 4}, 172)
+    assert precompute_pays({"max_steps": 20, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}, 172)
+    assert precompute_pays({"max_steps": -1, "num_train_epochs": 2}, 172)  # epochs: every pair seen twice
+    assert not precompute_pays({"max_steps": -1, "num_train_epochs": 1}, 172)
+    assert resolve_precompute({"precompute_ref_log_probs": "auto", "max_steps": 45,
+                               "per_device_train_batch_size": 4}, 172, "dpo")["precompute_ref_log_probs"] is True
+    assert resolve_precompute({"precompute_ref_log_probs": True, "max_steps": 1}, 172, "dpo")[
+        "precompute_ref_log_probs"] is True  # an explicit value stays
+
+
 @pytest.fixture()
 def tiny_data(tmp_path):
     rows = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
@@ -52,7 +67,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
         "sft": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                 "max_length": 64, "bf16": False},
         "dpo": {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
-                "max_length": 64, "beta": 0.1, "bf16": False, "save_steps": 2},
+                "max_length": 64, "beta": 0.1, "bf16": False, "save_steps": 2, "precompute_ref_log_probs": "auto"},
     }
     params = typed(**params)
     trainer, _ = sft.train(tiny_model_dir, tiny_data / "sft", tmp_path / "sft_adapter", params, tmp_path / "w1")
@@ -64,6 +79,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
     trainer, extra = dpo.train(tiny_model_dir, tmp_path / "sft_adapter", tiny_data / "dpo", tmp_path / "dpo_adapter",
                                params, tmp_path / "w2", trajectory_dir=tmp_path / "trajectory")
     assert trainer.state.global_step == 3
+    assert trainer.args.precompute_ref_log_probs is False  # auto: 3 steps x 2 pairs see fewer than the 9 pairs
     # Snapshots of the trained adapter at every checkpoint (save_steps 2, and the last step), for the trajectory.
     snapshots = sorted(p.name for p in (tmp_path / "trajectory").iterdir())
     assert snapshots == ["step-2", "step-3"], snapshots
