@@ -80,6 +80,9 @@ def strict_config(cls, section: str, values: dict[str, Any], defaults: dict[str,
     if values.get("bf16") == "auto":
         values["bf16"] = resolve_bf16("auto")
         log.info("%s.bf16: auto -> %s", section, values["bf16"])
+    unresolved = sorted(k for k, v in values.items() if v == "auto")
+    if unresolved:  # an `auto` its stage resolves (dpo.precompute_ref_log_probs) must not reach TRL as a string
+        raise ParamsError(f"{section}: {', '.join(unresolved)}: auto is not resolved here")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -68,6 +68,7 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
     from dvc.utils.serialize import load_yaml
     from trl import DPOConfig
 
+    from politune.dpo import resolve_precompute
     from politune.training import strict_config
 
     text = (ROOT / "params.yaml").read_text(encoding="utf-8").replace("  learning_rate: 5.0e-5\n",
@@ -79,5 +80,8 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
     assert params.dpo == load_yaml(file)["dpo"]
     assert params.dpo["learning_rate"] == 1e-4
     assert yaml.safe_load(text)["dpo"]["learning_rate"] == "1e-4"  # what the old reader gave the stage
-    config = strict_config(DPOConfig, "dpo", params.dpo, output_dir=str(tmp_path / "out"), seed=0)
-    assert config.learning_rate == 1e-4
+    with pytest.raises(ParamsError, match="precompute_ref_log_probs: auto is not resolved"):
+        strict_config(DPOConfig, "dpo", params.dpo, output_dir=str(tmp_path / "out"), seed=0)
+    config = strict_config(DPOConfig, "dpo", resolve_precompute(dict(params.dpo), 172, "dpo"),
+                           output_dir=str(tmp_path / "out"), seed=0)
+    assert config.learning_rate == 1e-4 and config.precompute_ref_log_probs is False
