@@ -8,9 +8,11 @@ precomputation spread over the steps), peak RSS, the final training loss and the
 
 The params are ``params.yaml``'s (``base``, ``recipe``, ``lora``, ``dpo``: batch, length, learning rate, beta), with
 ``max_steps`` and no checkpoints; each configuration (``CONFIGS``) overrides only the ``dpo`` keys it names:
-``default`` is fp32 without precomputation (TRL's defaults on CPU), ``optimised`` adds bf16 autocast on CPU (when
-the CPU has AVX512-BF16 or AMX) and ``precompute_ref_log_probs`` (the frozen reference's log-probabilities
-computed once, not every step); the others isolate one change each.
+``default`` is fp32 without precomputation (TRL's defaults on CPU), ``optimised`` is ``params.yaml``'s own ``dpo``
+section as the stage resolves it on this machine (``bf16: auto``: bf16 autocast where the CPU has AVX512-BF16 or
+AMX; ``precompute_ref_log_probs: auto``: the frozen reference's log-probabilities computed once only when the run
+sees the average pair more than once); the others force one change each. ``--steps`` defaults to the default
+run's ``dpo.max_steps``, so the all-in figure is the default run's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ CONFIGS = {
     "default": {"bf16": False, "precompute_ref_log_probs": False},
     "precompute": {"bf16": False, "precompute_ref_log_probs": True},
     "bf16": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": False},
-    "optimised": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": True},
+    "optimised": {},  # params.yaml's dpo section as it is (bf16: auto, precompute_ref_log_probs: auto)
 }
 SECTIONS = ("base", "launch", "recipe", "lora", "dpo")
 
@@ -58,7 +60,8 @@ def run_one(name: str, args) -> dict:
     steady = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     evaluation = trainer.evaluate()
-    return {"config": CONFIGS[name], "steps": trainer.state.global_step,
+    used = {k: getattr(trainer.args, k) for k in ("bf16", "precompute_ref_log_probs")}
+    return {"config": CONFIGS[name], "resolved": used, "steps": trainer.state.global_step,
             "seconds_per_step": round(steady, 3), "seconds_per_step_all_in": round(total / args.steps, 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "final_loss": round(float(sum(losses[-3:]) / len(losses[-3:])), 4),
@@ -73,11 +76,15 @@ def main() -> None:
     parser.add_argument("--data", default="data/datasets/dpo")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--configs", nargs="+", default=["default", "optimised"], choices=sorted(CONFIGS))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: params.yaml's dpo.max_steps)")
     parser.add_argument("--work", default="bench-out/dpo-work")
     parser.add_argument("--out", required=True)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = parser.parse_args()
+    if args.steps is None:
+        from politune.common import read_yaml
+
+        args.steps = int(read_yaml(args.params)["dpo"]["max_steps"])
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return

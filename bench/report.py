@@ -24,14 +24,21 @@ def _annotation(a: dict[str, Any]) -> list[str]:
 
 def _dpo(d: dict[str, Any]) -> list[str]:
     lines = [f"## DPO step time (`bench.dpo`; native bf16 on this CPU: {d.get('cpu_bf16')})", "",
-             "| configuration | dpo overrides | s/step | all-in s/step | peak RSS GB | final loss | eval loss | "
-             "eval reward acc. |", "|---|---|---|---|---|---|---|---|"]
+             "| configuration | dpo overrides | resolved | s/step | all-in s/step | peak RSS GB | final loss | "
+             "eval loss | eval reward acc. |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in d.items():
         if isinstance(r, dict) and "seconds_per_step" in r:
-            lines.append(f"| {name} | `{r['config']}` | {r['seconds_per_step']} | {r['seconds_per_step_all_in']} | "
+            lines.append(f"| {name} | `{r['config']}` | `{r.get('resolved', '')}` | {r['seconds_per_step']} | "
+                         f"{r['seconds_per_step_all_in']} | "
                          f"{r['peak_rss_gb']} | {r['final_loss']} | {r['eval_loss']} | {r['eval_reward_accuracy']} |")
     lines += ["", *(f"- `{k}`: {v}" for k, v in d.items() if k.startswith("speedup")), ""]
     return lines
+
+
+def _evaluate(e: dict[str, Any]) -> list[str]:
+    lines = ["## The `evaluate` stage (`bench.evaluate`, default pipeline's models)", ""]
+    lines += [f"- `{k}`: {v}" for k, v in e.items()]
+    return lines + [""]
 
 
 def _repro(r: dict[str, Any]) -> list[str]:
@@ -44,7 +51,7 @@ def markdown(report: dict[str, Any]) -> str:
     machine = report.get("machine", {})
     lines = ["# Benchmarks", "", f"Written by `bench/report.py` from `reports/bench.json` (`make bench`). Machine: "
              f"{machine.get('cpus')} CPUs, Python {machine.get('python')}.", ""]
-    for key, fn in (("annotation", _annotation), ("dpo", _dpo), ("repro", _repro)):
+    for key, fn in (("annotation", _annotation), ("dpo", _dpo), ("evaluate", _evaluate), ("repro", _repro)):
         if key in report:
             lines += fn(report[key])
     return "\n".join(lines)

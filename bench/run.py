@@ -3,9 +3,11 @@ to ``reports/bench.md``).
 
 1. annotation throughput (``bench.annotation``): vLLM vs transformers (batch 1 and the batched size), same posts,
    prompts, max tokens, greedy;
-2. DPO step time (``bench.dpo``): TRL defaults in fp32 vs the optimised CPU configuration;
-3. pipeline overhead: ``dvc repro`` with nothing changed, and ``dvc exp run -S lora.r=...`` (which must run only
-   sft, dpo, evaluate and judge) against the sum of those stages' own run times.
+2. DPO step time (``bench.dpo``): TRL defaults in fp32 vs the optimised configuration, at the default run's steps;
+3. the ``evaluate`` stage by part (``bench.evaluate``): load, the compass, the side preference;
+4. the pipeline: ``dvc repro`` with nothing changed; ``dvc exp run -S evaluate.bootstrap=...`` (which must run only
+   evaluate and export) against the sum of those stages' own run times; and ``dvc repro`` of the default params
+   from scratch in a fresh clone of HEAD (the environment built: this one's), with each stage's own time.
 
 Needs the default pipeline's outputs (``make repro`` first). Each part can be skipped (``--skip dpo``) and sized
 (``--annotation-n``); the figures of the parts run are merged into the existing ``reports/bench.json``.
@@ -57,24 +59,40 @@ def annotation(args) -> dict:
     if both:
         summary["speedup_vllm_vs_transformers"] = summary[f"speedup_vllm_vs_transformers_b1_n{both[-1]}"]
         summary["speedup_measured_at_n"] = both[-1]
+    # Against transformers at its best: the fastest transformers run (any batch mode) at the largest N vLLM and
+    # batched transformers both ran (batch-1 throughput does not grow with N).
+    batched = [n for n in args.annotation_n if at("vllm", n) and at("transformers", n)]
+    if batched:
+        n = batched[-1]
+        best = max(r["generated_tokens_per_second"] for r in raw.get("transformers", {}).get("runs", []) +
+                   raw.get("transformers-b1", {}).get("runs", []) if r["n"] <= n)
+        summary["speedup_vllm_vs_transformers_best"] = round(at("vllm", n)["generated_tokens_per_second"] / best, 2)
+        summary["speedup_best_measured_at_n"] = n
     return summary
 
 
 def dpo(args) -> dict:
     out = Path(args.work) / "dpo.json"
-    run([sys.executable, "-m", "bench.dpo", "--configs", *args.dpo_configs, "--steps", str(args.dpo_steps),
-         "--out", str(out)])
+    run([sys.executable, "-m", "bench.dpo", "--configs", *args.dpo_configs, "--out", str(out)] +
+        (["--steps", str(args.dpo_steps)] if args.dpo_steps else []))
     result = read_json(out)
     return result
 
 
-def stage_seconds(stages: list[str]) -> dict[str, float]:
-    """The stages' own run times from their MLflow runs (the latest finished run of each)."""
+def evaluate(args) -> dict:
+    out = Path(args.work) / "evaluate.json"
+    run([sys.executable, "-m", "bench.evaluate", "--out", str(out)])
+    return read_json(out)
+
+
+def stage_seconds(stages: list[str], uri: str | None = None) -> dict[str, float]:
+    """The stages' own run times from their MLflow runs (the latest finished run of each); ``uri``: another
+    project's tracking store (default: this one's)."""
     import mlflow
 
     from politune.tracking import EXPERIMENT, tracking_uri
 
-    client = mlflow.tracking.MlflowClient(tracking_uri())
+    client = mlflow.tracking.MlflowClient(uri or tracking_uri())
     exp = client.get_experiment_by_name(EXPERIMENT)
     out = {}
     for stage in stages:
@@ -94,37 +112,71 @@ def repro(args) -> dict:
     if "Running stage" in out:
         raise SystemExit("dvc repro ran stages: run `make repro` first so that nothing has changed")
     result = {"noop_seconds": round(noop, 2)}
-    if args.exp_rank:
+    if args.exp_set:
         t0 = time.perf_counter()
-        out = run(["dvc", "exp", "run", "-S", f"lora.r={args.exp_rank}"], env=env)
+        out = run(["dvc", "exp", "run", "-S", args.exp_set], env=env)
         wall = time.perf_counter() - t0
         ran = sorted(set(re.findall(r"Running stage '([^']+)'", out)))
         own = stage_seconds(ran)
-        result.update(exp_run_seconds=round(wall, 1), exp_run_stages=ran, exp_run_stage_seconds=own,
-                      exp_run_overhead_seconds=round(wall - sum(own.values()), 1))
+        result.update(exp_run_set=args.exp_set, exp_run_seconds=round(wall, 1), exp_run_stages=ran,
+                      exp_run_stage_seconds=own, exp_run_overhead_seconds=round(wall - sum(own.values()), 1))
         run(["git", "checkout", "--", "params.yaml"], env=env)  # the experiment is saved; the workspace returns
         run(["dvc", "checkout", "-q"], env=env)
+    if args.default_repro:
+        result.update(default_repro(env))
     return result
+
+
+def default_repro(env: dict) -> dict:
+    """``dvc repro`` of the default params from scratch: a fresh clone of HEAD (committed work only), its own DVC
+    cache and MLflow store, this environment's tools."""
+    import resource
+    import shutil
+    import tempfile
+
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the clone's stages log to its own store
+    head = run(["git", "rev-parse", "HEAD"], env=env).strip()
+    work = Path(tempfile.mkdtemp(prefix="politune-repro-"))
+    try:
+        clone = work / "main"
+        run(["git", "clone", "-q", str(Path.cwd()), str(clone)], env=env)
+        shared = Path.cwd().parent / "shared"
+        if shared.exists():
+            (work / "shared").symlink_to(shared)
+        t0 = time.perf_counter()
+        out = run(["dvc", "repro"], env=env, cwd=clone)
+        wall = time.perf_counter() - t0
+        ran = sorted(set(re.findall(r"Running stage '([^']+)'", out)))
+        own = stage_seconds(ran, uri=f"sqlite:///{clone / 'mlflow.db'}")
+        return {"default_commit": head[:12], "default_seconds": round(wall, 1), "default_stage_seconds": own,
+                "default_overhead_seconds": round(wall - sum(own.values()), 1),
+                "default_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--work", default="bench-out")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["annotation", "dpo", "repro"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["annotation", "dpo", "evaluate", "repro"])
     parser.add_argument("--annotation-n", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--transformers-max-n", type=int, default=256, help="largest N for batched transformers")
-    parser.add_argument("--b1-max-n", type=int, default=256, help="largest N for transformers batch 1")
+    parser.add_argument("--b1-max-n", type=int, default=64,
+                        help="largest N for transformers batch 1 (its tokens/s do not grow with N)")
     parser.add_argument("--no-score", action="store_true", help="annotation: time generation only")
     parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "optimised"])
-    parser.add_argument("--dpo-steps", type=int, default=12)
-    parser.add_argument("--exp-rank", type=int, default=8, help="lora.r of the `dvc exp run` timed (0: skip)")
+    parser.add_argument("--dpo-steps", type=int, help="DPO steps (default: the default run's dpo.max_steps)")
+    parser.add_argument("--exp-set", default="evaluate.bootstrap=999",
+                        help="the `dvc exp run -S` timed ('': skip)")
+    parser.add_argument("--default-repro", action=argparse.BooleanOptionalAction, default=True,
+                        help="time `dvc repro` of the default params in a fresh clone of HEAD")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     report = read_json(args.out) if Path(args.out).exists() else {}
     report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    for name, fn in (("annotation", annotation), ("dpo", dpo), ("repro", repro)):
+    for name, fn in (("annotation", annotation), ("dpo", dpo), ("evaluate", evaluate), ("repro", repro)):
         if name in args.skip:
             continue
         report[name] = fn(args)
