@@ -108,3 +108,54 @@ def test_invalid_policy_is_a_params_error(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and "ingest.on_bad_row" in proc.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_the_paper_corpora_formats_are_all_read(tmp_path):
+    """Truth Social's truths.tsv, a Politosphere comments_YYYY-MM.bz2 (JSON lines, no format in its name), JSON lines
+    compressed with zstd and gzip, a .json array, an xz-compressed CSV and a semicolon CSV: every row is read; a file
+    that is not data is named in the report; a damaged compressed file stops the stage with its name."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    raw = tmp_path / "raw"
+    truths = pd.DataFrame({"id": ["t1", "t2"], "timestamp": ["2022-02-21", "2022-02-22"], "is_retruth": ["f", "t"],
+                           "is_reply": ["f", "f"], "author": ["a1", "a2"],
+                           "text": ["Cut taxes; free markets, now.", "Secure the border\tnow"]})
+    write(raw / "truths.tsv", truths.to_csv(sep="\t", index=False))
+    comments = [{"id": f"r{i}", "body": f"Medicare for all, comment {i}", "subreddit": "politics",
+                 "created_utc": 1546300800 + i, "author": "u", "language": "en"} for i in range(3)]
+    lines = "".join(json.dumps(c) + "\n" for c in comments).encode()
+    write(raw / "comments_2019-01.bz2", bz2.compress(lines))
+    write(raw / "RC_2019-02.zst", zstandard.ZstdCompressor().compress(lines.replace(b'"r', b'"z')
+                                                                      .replace(b"comment", b"zst comment")))
+    write(raw / "more.jsonl.gz", gzip.compress(lines.replace(b'"r', b'"g')))  # the same texts as the .bz2's
+    write(raw / "array.json", json.dumps([{"id": "j1", "text": "an array post"}, {"id": "j2", "text": "another"}]))
+    write(raw / "forum.csv.xz", lzma.compress("id,text\nx1,\"from xz, with a comma\"\n".encode()))
+    write(raw / "semi.csv", "id;text\ns1;semicolon separated, post\ns2;second one\n")
+    write(raw / "notes.txt", "not data")
+    posts, report = ingest(raw, CFG)
+    assert report["files"] == 7 and report["not_read"] == {"notes.txt": report["not_read"]["notes.txt"]}
+    assert "not a data file" in report["not_read"]["notes.txt"]
+    assert report["rows_read"] == 2 + 3 + 3 + 3 + 2 + 1 + 2
+    texts = {p["text"] for p in posts}
+    assert {"Cut taxes; free markets, now.", "an array post", "from xz, with a comma", "semicolon separated, post",
+            "Medicare for all, zst comment 2", "Medicare for all, comment 0"} <= texts
+    assert report["skipped"]["duplicate"] == 3  # the .gz comments repeat the .bz2 ones' text
+    politosphere = [p for p in posts if p["source"] == "comments_2019-01.bz2"]
+    assert len(politosphere) == 3 and all(p["subreddit"] == "politics" and p["created"] for p in politosphere)
+
+    write(raw / "broken.jsonl.gz", gzip.compress(lines)[:-12])  # cut short: the stream ends early
+    with pytest.raises(InputError, match=r"broken\.jsonl\.gz: cannot be read"):
+        ingest(raw, CFG)
+
+
+def test_csv_delimiter_is_sniffed_and_a_folder_without_data_names_what_it_holds(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "pipe.csv", "id|text\np1|a pipe, separated post\np2|another, with commas, in it\n")
+    posts, _ = ingest(raw, CFG)
+    assert [p["text"] for p in posts] == ["a pipe, separated post", "another, with commas, in it"]
+    with pytest.raises(InputError, match="no input files.*not read"):
+        ingest(write(tmp_path / "other" / "README.md", "x").parent, CFG)
