@@ -7,6 +7,7 @@ they are parsed into ``LoraConfig``/``SFTConfig``/``DPOConfig`` (``politune/trai
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,11 +27,63 @@ class Models(_Strict):
     target_chat_template: str | None = None  # a Jinja file for a target without a chat template (a pretrained model)
 
 
+FIELDS = ("text", "id", "created", "author", "subreddit", "language", "drop_if_true")
+# Where the paper's corpora keep their fields. truth_social: the Truth Social dataset's truths.tsv (Gerard et al. 2023:
+# id, timestamp, is_retruth, is_reply, author, text, ...); a retruth repeats another user's post and is dropped.
+# politosphere: the Reddit Politosphere's comments_YYYY-MM.bz2 (Hofmann et al. 2022: Pushshift comments with body,
+# subreddit, created_utc, author, language).
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "truth_social": {"text": ["text"], "id": ["id"], "created": ["timestamp"], "author": ["author"],
+                     "drop_if_true": ["is_retruth"]},
+    "politosphere": {"text": ["body"], "id": ["id"], "created": ["created_utc"], "author": ["author"],
+                     "subreddit": ["subreddit"], "language": ["language"]},
+}
+
+
+class Source(_Strict):
+    """The files under ``data/raw`` that match ``match`` (a glob on their path there; the first entry that matches
+    wins): where their fields are (a ``preset``, then any field list given here: the first field a row has wins),
+    and an optional seeded random ``sample`` of that many posts from them."""
+
+    match: str = Field(min_length=1)
+    preset: Literal["truth_social", "politosphere"] | None = None
+    text: list[str] | None = None
+    id: list[str] | None = None
+    created: list[str] | None = None
+    author: list[str] | None = None
+    subreddit: list[str] | None = None
+    language: list[str] | None = None
+    drop_if_true: list[str] | None = None  # rows where one of these fields is true are dropped (is_retruth)
+    sample: int | None = Field(default=None, ge=1)
+
+
+class Filters(_Strict):
+    """Which posts a study keeps (``ingest.filters``); every list empty and every bound null keeps all of them."""
+
+    subreddits: list[str]  # keep only these (case-insensitive); empty: every subreddit
+    exclude_subreddits: list[str]
+    languages: list[str]  # keep a post whose language is one of these (a post with none is kept)
+    date_from: date | None  # inclusive, on the post's time in UTC
+    date_to: date | None  # inclusive
+    exclude_authors: list[str]
+    min_chars: int = Field(ge=0)  # after cleaning
+
+    @model_validator(mode="after")
+    def _dates(self) -> Filters:
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise ValueError(f"date_from {self.date_from} is after date_to {self.date_to}")
+        return self
+
+
 class Ingest(_Strict):
     text_fields: list[str] = Field(min_length=1)
     placeholders: list[str]
     on_bad_row: Literal["skip", "fail"]
     max_chars: int = Field(ge=1)
+    sources: list[Source]
+    filters: Filters
+    sample_seed: int = Field(ge=0)
+    chunk_rows: int = Field(ge=1)  # posts held in memory before they are written
 
 
 class Client(_Strict):

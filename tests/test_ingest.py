@@ -159,3 +159,87 @@ def test_csv_delimiter_is_sniffed_and_a_folder_without_data_names_what_it_holds(
     assert [p["text"] for p in posts] == ["a pipe, separated post", "another, with commas, in it"]
     with pytest.raises(InputError, match="no input files.*not read"):
         ingest(write(tmp_path / "other" / "README.md", "x").parent, CFG)
+
+
+def test_paper_presets_and_researcher_filters(tmp_path):
+    """truths.tsv through the truth_social preset (retruths dropped), a Politosphere dump through the politosphere
+    preset; subreddit, language, author, date and length filters; every dropped row counted by its filter."""
+    import bz2
+
+    from politune.ingest import write_posts
+
+    raw = tmp_path / "raw"
+    truths = pd.DataFrame({"id": ["t1", "t2", "t3"], "timestamp": ["2019-01-05 10:00:00", "2019-01-06 11:00:00",
+                                                                  "2018-12-31 23:00:00"],
+                           "is_retruth": ["f", "t", "f"], "is_reply": ["f", "f", "f"], "author": ["a", "b", "c"],
+                           "text": ["Lower taxes for every family.", "A retruth of someone else.",
+                                    "Too early for the date range."]})
+    write(raw / "truths.tsv", truths.to_csv(sep="\t", index=False))
+    rows = [("politics", "en", "alice", 1546400000, "Medicare for all would save lives."),
+            ("Conservative", "en", "bob", 1546400001, "Secure the border and cut spending."),
+            ("aww", "en", "carol", 1546400002, "Look at my cat, politics-free."),
+            ("politics", "de", "dora", 1546400003, "Ein deutscher Kommentar zur Politik."),
+            ("politics", "en", "AutoModerator", 1546400004, "Your comment was removed by a bot."),
+            ("politics", "en", "erin", 1546400005, "Too short"),
+            ("politics", "en", "finn", 1549000000, "Posted in February, after the range.")]
+    lines = "".join(json.dumps({"id": f"c{i}", "subreddit": s, "language": lang, "author": a, "created_utc": t,
+                                "body": b}) + "\n" for i, (s, lang, a, t, b) in enumerate(rows))
+    write(raw / "comments_2019-01.bz2", bz2.compress(lines.encode()))
+    cfg = section("ingest", sources=[{"match": "truths.tsv", "preset": "truth_social"},
+                                     {"match": "comments_*", "preset": "politosphere"}],
+                  filters={"subreddits": ["Politics", "conservative"], "exclude_subreddits": [],
+                           "languages": ["en"], "date_from": "2019-01-01", "date_to": "2019-01-31",
+                           "exclude_authors": ["AutoModerator", "[deleted]"], "min_chars": 12})
+    report = write_posts(raw, cfg, tmp_path / "posts.parquet")
+    posts = pd.read_parquet(tmp_path / "posts.parquet")
+    assert posts["text"].tolist() == ["Medicare for all would save lives.", "Secure the border and cut spending.",
+                                      "Lower taxes for every family."]
+    assert posts["created"].tolist() == ["1546400000", "1546400001", "2019-01-05 10:00:00"]
+    assert report["filtered"] == {"flag": 1, "author": 1, "subreddit": 1, "language": 1, "date": 2, "short": 1}
+    assert report["per_file"] == {"comments_2019-01.bz2": {"rows": 7, "posts": 2}, "truths.tsv": {"rows": 3, "posts": 1}}
+    assert report["rows_read"] == report["posts_out"] + sum(report["skipped"].values()) + sum(report["filtered"].values())
+
+    # A time that a date filter cannot read is a bad row named by file, row and field.
+    write(raw / "odd.jsonl", '{"id": "o1", "text": "An undated post about taxes.", "created_at": "yesterday"}\n')
+    with pytest.raises(InputError, match=r"odd\.jsonl:1: field created_at: not a time \('yesterday'\)"):
+        write_posts(raw, cfg.model_copy(update={"on_bad_row": "fail"}), tmp_path / "other.parquet")
+    assert not (tmp_path / "other.parquet").exists()
+
+
+def test_a_source_sample_is_seeded_and_the_table_is_written_in_chunks(tmp_path):
+    from politune.ingest import write_posts
+
+    raw = tmp_path / "raw"
+    write(raw / "big.jsonl", "".join(json.dumps({"id": f"p{i}", "text": f"post number {i}"}) + "\n" for i in range(60)))
+    write(raw / "small.jsonl", '{"id": "p1", "text": "a post whose id repeats one in big.jsonl"}\n')
+    sampled = section("ingest", sources=[{"match": "big.jsonl", "sample": 10}], chunk_rows=4)
+    report = write_posts(raw, sampled, tmp_path / "a.parquet")
+    a = pd.read_parquet(tmp_path / "a.parquet")
+    assert len(a) == 11 and report["sampled"] == {"big.jsonl": {"posts": 60, "sampled": 10}}
+    assert a["id"].is_unique
+    numbers = [int(t.split()[-1]) for t in a["text"] if t.startswith("post number")]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 10  # a sample, in file order
+    write_posts(raw, sampled, tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()  # seeded
+    other = write_posts(raw, sampled.model_copy(update={"sample_seed": 1}), tmp_path / "c.parquet")
+    assert other["posts_out"] == 11 and not pd.read_parquet(tmp_path / "c.parquet").equals(a)
+
+    import pyarrow.parquet as pq
+
+    whole = section("ingest", chunk_rows=1000)
+    write_posts(raw, whole, tmp_path / "whole.parquet")
+    write_posts(raw, whole.model_copy(update={"chunk_rows": 7}), tmp_path / "chunks.parquet")
+    assert pq.ParquetFile(tmp_path / "chunks.parquet").num_row_groups == 9
+    assert pd.read_parquet(tmp_path / "chunks.parquet").equals(pd.read_parquet(tmp_path / "whole.parquet"))
+    ids = pd.read_parquet(tmp_path / "whole.parquet")["id"].tolist()
+    assert ids[1] == "p1" and ids[-1] == "small.jsonl:p1"  # a repeated id is qualified with its source
+
+
+def test_the_stage_writes_the_shipped_table_as_pandas_would(tmp_path):
+    """Streaming changes nothing for the shipped corpus: the same bytes as one DataFrame.to_parquet."""
+    from politune.ingest import write_posts
+
+    write_posts(ROOT / "data" / "raw", CFG, tmp_path / "posts.parquet")
+    posts, _ = ingest(ROOT / "data" / "raw", CFG)
+    pd.DataFrame(posts).to_parquet(tmp_path / "pandas.parquet", index=False)
+    assert (tmp_path / "posts.parquet").read_bytes() == (tmp_path / "pandas.parquet").read_bytes()
