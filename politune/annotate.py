@@ -157,6 +157,45 @@ def select(table, column: str, cfg: Annotate, eligible) -> np.ndarray:
     return keep
 
 
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive's score > a negative's), ties counting a half (the Mann-Whitney form of the ROC AUC)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_with_interval(positive, negative, rng, n_boot: int = 1000) -> dict[str, Any]:
+    """The ROC AUC and its 95% bootstrap interval (positives and negatives resampled separately)."""
+    positive, negative = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
+    entry: dict[str, Any] = {"n_positive": len(positive), "n_negative": len(negative)}
+    if not len(positive) or not len(negative):
+        return {**entry, "auc": None, "ci_low": None, "ci_high": None}
+    boot = [roc_auc(positive[rng.integers(0, len(positive), len(positive))],
+                    negative[rng.integers(0, len(negative), len(negative))]) for _ in range(n_boot)]
+    return {**entry, "auc": round(roc_auc(positive, negative), 4),
+            "ci_low": round(float(np.percentile(boot, 2.5)), 4), "ci_high": round(float(np.percentile(boot, 97.5)), 4)}
+
+
+def separation(table, political: np.ndarray, ideology: str, opposite: str, viewpoints, seed: int) -> dict[str, Any]:
+    """How well the scores separate the corpus's own labels (``label``, where it has them), so that a change of
+    scoring prompt or method is judged by a number: ``<ideology>_vs_<opposite>``, the ideology's score on posts
+    labelled with the ideology against those labelled with the opposite; ``political_vs_off``, the political score
+    (``political``: 1 - P(none) with likelihood scoring, the larger of the two sides' ratings with json) on posts
+    labelled with any viewpoint against the rest. ROC AUC with a 95% bootstrap interval; 0.5 is chance."""
+    rng = np.random.default_rng(seed)
+    label = table["label"].to_numpy()
+    score = table["score"].to_numpy(dtype=float)
+    valid = ~np.isnan(score) & ~np.isnan(political)
+    labelled = valid & (table["label"].notna().to_numpy())
+    is_political = np.isin(label, list(viewpoints))
+    return {f"{ideology}_vs_{opposite}": auc_with_interval(score[labelled & (label == ideology)],
+                                                          score[labelled & (label == opposite)], rng),
+            "political_vs_off": auc_with_interval(political[labelled & is_political],
+                                                  political[labelled & ~is_political], rng)}
+
+
 def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
     """Return the annotated table (every post, with its status) and the report."""
     t0 = time.perf_counter()
@@ -232,6 +271,13 @@ def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
                 if label in names and cfg.score_method == "likelihood" else None,
             }
         report["quality"] = quality
+        if probs is not None:
+            political = 1 - probs[:, names.index("none")]
+        elif "score_opposite" in table:
+            political = np.fmax(table["score"].to_numpy(dtype=float), table["score_opposite"].to_numpy(dtype=float))
+        else:
+            political = table["score"].to_numpy(dtype=float)
+        report["separation"] = separation(table, political, ideology, opposite, cfg.viewpoints, seed)
     return table, report
 
 

@@ -127,3 +127,26 @@ def test_mirror_pairs_from_the_annotation(tmp_path):
     assert [p["id"] for p in plain] == ["p0", "p1", "p2", "p3", "p6"], "plain pairs: the ideology's rows only"
     test = build(pairs, 0, 0.3)["dpo"]["test"]
     assert len(test) == 3 and set(test["side"]) == {"right"}
+
+
+def test_separation_aucs_from_the_corpus_labels():
+    """ROC AUC by hand: right posts 0-3 against left posts 4-6 on P(right), and political 0-6 against off-topic 7-8
+    on 1 - P(none); each with an interval around it."""
+    from politune.annotate import roc_auc
+
+    assert roc_auc(np.array([0.9, 0.8]), np.array([0.1, 0.85])) == 0.75
+    assert roc_auc(np.array([0.5]), np.array([0.5])) == 0.5
+    frame = posts()
+    frame["label"] = ["right"] * 4 + ["left"] * 3 + ["off"] * 2
+    cfg = section("annotate", calibrate=False, mirror=False)
+    _, report = annotate(frame, Scripted(), "right", cfg, seed=0)
+    sep = report["separation"]
+    # P(right): right posts 0.9, 0.7, 0.5, 0.45 against left 0.1, 0.2, 0.3: every pair ordered.
+    assert sep["right_vs_left"]["auc"] == 1.0 and sep["right_vs_left"]["n_positive"] == 4
+    # 1 - P(none): political 0.95, 0.9, 0.8, 0.9, 0.9, 0.8, 0.65 against off 0.1, 0.2: all ordered.
+    assert sep["political_vs_off"]["auc"] == 1.0 and sep["political_vs_off"]["n_negative"] == 2
+    frame["label"] = ["off"] + ["right"] * 3 + ["left"] * 3 + ["off", "right"]  # two mislabelled posts
+    _, report = annotate(frame, Scripted(), "right", cfg, seed=0)
+    sep = report["separation"]["right_vs_left"]
+    assert sep["auc"] < 1.0 and sep["ci_low"] <= sep["auc"] <= sep["ci_high"]
+    assert report["separation"]["political_vs_off"]["auc"] < 1.0
