@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import csv
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -250,11 +251,17 @@ def score_rows(rows: list[dict[str, Any]], cfg: JudgeParams, url: str, name: str
 
 
 def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
-    """Answer the prompts with each model, then score every answer; return (rows, summary)."""
+    """Answer the prompts with each model, then score every answer; return (rows, summary, seconds: the wall time
+    of answering, of the endpoint's start (a local server's) and of scoring)."""
+    t0 = time.perf_counter()
     rows = answer_prompts(model_dir, adapters, cfg, seed)
+    t1 = time.perf_counter()
     with endpoint(cfg, judge_model, seed) as (url, name):
+        t2 = time.perf_counter()
         summary = score_rows(rows, cfg, url, name, seed)
-    return rows, summary
+        t3 = time.perf_counter()
+    return rows, summary, {"answer": round(t1 - t0, 1), "endpoint_start": round(t2 - t1, 1),
+                           "score": round(t3 - t2, 1)}
 
 
 def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
@@ -266,7 +273,10 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     seed_everything(seed)
     with stage_run("judge", params, params_file) as mlflow:
-        rows, summary = judge(paths.model, {"sft": paths.sft, "dpo": paths.dpo}, paths.judge_model, cfg, seed)
+        rows, summary, seconds = judge(paths.model, {"sft": paths.sft, "dpo": paths.dpo}, paths.judge_model, cfg,
+                                       seed)
+        log.info("seconds: %s", seconds)
+        log_metrics(mlflow, {f"seconds_{k}": v for k, v in seconds.items()})
         summary["judge"] = judge_identity(cfg, paths.judge_model)
         if "warning" in summary["judge"]:
             log.warning("judge: %s", summary["judge"]["warning"])

@@ -35,21 +35,29 @@ def free_port() -> int:
 
 KVCACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE when a params section does not set cpu_kvcache_space_gib
 # params keys that are vLLM environment variables rather than engine arguments
-ENV_KEYS = {"cpu_kvcache_space_gib": "VLLM_CPU_KVCACHE_SPACE", "multiprocessing": "VLLM_ENABLE_V1_MULTIPROCESSING"}
+ENV_KEYS = {"cpu_kvcache_space_gib": "VLLM_CPU_KVCACHE_SPACE", "multiprocessing": "VLLM_ENABLE_V1_MULTIPROCESSING",
+            "omp_num_threads": "OMP_NUM_THREADS", "cpu_omp_threads_bind": "VLLM_CPU_OMP_THREADS_BIND",
+            "cpu_reserved_cpus": "VLLM_CPU_NUM_OF_RESERVED_CPU"}
 
 
 def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """A params engine section (``annotate.engine``, ``judge.serve``) -> (environment, vLLM engine arguments).
 
     The one mapping used by the offline engine and by ``vllm serve``: ``cpu_kvcache_space_gib`` becomes
-    ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``multiprocessing`` (the offline engine only: whether its engine
-    core runs in a process of its own; ``vllm serve`` always does) becomes ``VLLM_ENABLE_V1_MULTIPROCESSING``,
+    ``VLLM_CPU_KVCACHE_SPACE`` (ignored on GPUs), ``multiprocessing`` becomes ``VLLM_ENABLE_V1_MULTIPROCESSING``
+    (false: the offline engine's core runs in the stage's process; ``vllm serve`` keeps its engine core in a process
+    of its own, but on CPU the model then runs in that process instead of a third one), ``omp_num_threads``,
+    ``cpu_omp_threads_bind`` and ``cpu_reserved_cpus`` become ``OMP_NUM_THREADS``, ``VLLM_CPU_OMP_THREADS_BIND`` and
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU`` (null: vLLM's own CPU thread set-up; bench.run times them),
     ``dtype: auto`` becomes bfloat16 where bf16 is native and float32 elsewhere (``politune.common.resolve_dtype``);
     every other key is passed to vLLM as it is.
     """
     env = {ENV_KEYS["cpu_kvcache_space_gib"]: str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
     if engine.get("multiprocessing") is not None:
         env[ENV_KEYS["multiprocessing"]] = str(int(bool(engine["multiprocessing"])))
+    for key in ("omp_num_threads", "cpu_omp_threads_bind", "cpu_reserved_cpus"):
+        if engine.get(key) is not None:
+            env[ENV_KEYS[key]] = str(engine[key])
     options = {k: v for k, v in engine.items() if k not in ENV_KEYS}
     if "dtype" in options:
         options["dtype"] = resolve_dtype(options["dtype"])

@@ -34,6 +34,11 @@ def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
     env, options = engine_options({"multiprocessing": False, "seed": 0})
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and options == {"seed": 0}
     assert engine_options({"multiprocessing": True})[0]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    env, options = engine_options({"omp_num_threads": 2, "cpu_omp_threads_bind": "0-1", "cpu_reserved_cpus": 0,
+                                   "max_num_seqs": 64})
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                   "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} and options == {"max_num_seqs": 64}
+    assert engine_options({"omp_num_threads": None})[0] == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # null: vLLM's own
     assert common.resolve_bf16(True) is True and common.resolve_bf16(False) is False
     monkeypatch.setattr(common, "native_bf16", lambda: False)
     assert common.resolve_bf16("auto") is False
