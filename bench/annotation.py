@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from politune.annotate import build_chat, triplet_model
 from politune.common import load_params
@@ -47,9 +48,12 @@ def main() -> None:
     parser.add_argument("--transformers-max-n", type=int, default=64, help="cap N for the batched transformers runs")
     parser.add_argument("--b1-max-n", type=int, default=64, help="cap N for the transformers batch-1 runs")
     parser.add_argument("--no-score", action="store_true", help="time generation only")
+    parser.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override annotate.engine keys for the vLLM run (e.g. max_num_seqs=64)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = load_params(args.params, ["annotate"]).annotate
+    engine = dict(cfg.engine, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.engine)})
     posts = pd.read_parquet(args.posts)["text"].tolist()
     texts_for = lambda n: (posts * (n // len(posts) + 1))[:n]  # noqa: E731
     results = {}
@@ -58,7 +62,7 @@ def main() -> None:
     for name in args.backends:
         if name == "vllm":
             t0 = time.perf_counter()
-            backend = VLLMBackend(args.model, cfg.engine, seed=0)
+            backend = VLLMBackend(args.model, engine, seed=0)
             start = time.perf_counter() - t0
         else:
             batch = 1 if name.endswith("b1") else args.transformers_batch
@@ -72,6 +76,8 @@ def main() -> None:
             runs.append(measure(backend, texts_for(n), cfg, args.max_tokens, score=not args.no_score))
             print(name, runs[-1], flush=True)
         results[name] = {"engine_start_seconds": round(start, 1), "runs": runs}
+        if name == "vllm":
+            results[name]["engine"] = engine
         del backend
         gc.collect()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,24 @@ def _annotation(a: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _settings(a: dict[str, Any]) -> list[str]:
+    lines = [f"## vLLM CPU settings (annotation generation, N={a.get('n')}, at most {a.get('max_tokens')} new tokens)",
+             "", "| setting | annotate.engine overrides | generated tokens/s | engine start s |", "|---|---|---|---|"]
+    for name, r in a.get("runs", {}).items():
+        lines.append(f"| {name} | `{r['engine']}` | {r['generated_tokens_per_second']} | {r['engine_start_seconds']} |")
+    return lines + ["", f"- best: `{a.get('best')}`", ""]
+
+
+def _ingest(i: dict[str, Any]) -> list[str]:
+    lines = ["## Ingest at corpus scale (`bench.ingest`: generated Politosphere-style gzip JSON lines)", "",
+             "| comments | corpus MB (gz) | posts out | seconds | rows/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in i.get("runs", []):
+        lines.append(f"| {r['n']:,} | {r['corpus_gz_mb']} | {r['posts_out']:,} | {r['seconds']} | "
+                     f"{r['rows_per_second']:,} | {r['peak_rss_mb']} |")
+    lines += ["", *(f"- `{k}`: {v}" for k, v in i.items() if k != "runs"), ""]
+    return lines
+
+
 def _dpo(d: dict[str, Any]) -> list[str]:
     lines = [f"## DPO step time (`bench.dpo`; native bf16 on this CPU: {d.get('cpu_bf16')})", "",
              "| configuration | dpo overrides | resolved | s/step | all-in s/step | peak RSS GB | final loss | "
@@ -50,8 +68,10 @@ def _repro(r: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     machine = report.get("machine", {})
     lines = ["# Benchmarks", "", f"Written by `bench/report.py` from `reports/bench.json` (`make bench`). Machine: "
-             f"{machine.get('cpus')} CPUs, Python {machine.get('python')}.", ""]
-    for key, fn in (("annotation", _annotation), ("dpo", _dpo), ("evaluate", _evaluate), ("repro", _repro)):
+             f"{machine.get('cpus')} CPUs ({machine.get('cpu')}; native bf16: {machine.get('cpu_bf16')}), Python "
+             f"{machine.get('python')}.", ""]
+    for key, fn in (("ingest", _ingest), ("annotation", _annotation), ("vllm_cpu_settings", _settings),
+                    ("dpo", _dpo), ("evaluate", _evaluate), ("repro", _repro)):
         if key in report:
             lines += fn(report[key])
     return "\n".join(lines)

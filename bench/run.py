@@ -1,8 +1,11 @@
 """``make bench``: run every benchmark, print its figures, and write them all to ``reports/bench.json`` (and as tables
 to ``reports/bench.md``).
 
+0. ingest at corpus scale (``bench.ingest``): rows/s and peak RSS on generated Politosphere-style dumps of 200,000
+   and 2 million comments;
 1. annotation throughput (``bench.annotation``): vLLM vs transformers (batch 1 and the batched size), same posts,
    prompts, max tokens, greedy;
+   then the vLLM CPU thread settings (``SETTINGS``) on generation;
 2. DPO step time (``bench.dpo``): TRL defaults in fp32 vs the optimised configuration, at the default run's steps;
 3. the ``evaluate`` stage by part (``bench.evaluate``): load, the compass, the side preference;
 4. the pipeline: ``dvc repro`` with nothing changed; ``dvc exp run -S evaluate.bootstrap=...`` (which must run only
@@ -39,13 +42,13 @@ def annotation(args) -> dict:
     out = Path(args.work) / "annotation.json"
     run([sys.executable, "-m", "bench.annotation", "--n", *map(str, args.annotation_n), "--max-tokens",
          str(args.max_tokens), "--transformers-max-n", str(args.transformers_max_n), "--b1-max-n",
-         str(args.b1_max_n), "--out", str(out)] + (["--no-score"] if args.no_score else []))
+         str(args.b1_max_n), "--out", str(out)] + ([] if args.score else ["--no-score"]))
     raw = read_json(out)
 
     def at(backend, n):
         return next((r for r in raw.get(backend, {}).get("runs", []) if r["n"] == n), None)
 
-    summary = {"max_tokens": args.max_tokens, "runs": raw}
+    summary = {"max_tokens": args.max_tokens, "scored": args.score, "runs": raw}
     for n in args.annotation_n:
         v, t, b1 = at("vllm", n), at("transformers", n), at("transformers-b1", n)
         if v and t:
@@ -69,6 +72,39 @@ def annotation(args) -> dict:
         summary["speedup_vllm_vs_transformers_best"] = round(at("vllm", n)["generated_tokens_per_second"] / best, 2)
         summary["speedup_best_measured_at_n"] = n
     return summary
+
+
+# vLLM CPU settings timed on annotation generation (issue 18 item 3): annotate.engine overrides (the thread keys set
+# vLLM's environment: politune.serve.ENV_KEYS). Chunked prefill is not among them: on vLLM 0.32's CPU worker it kills
+# the engine on seeded retries (params.yaml, annotate.engine.enable_chunked_prefill).
+SETTINGS = {
+    "vllm_threads": {"omp_num_threads": None, "cpu_omp_threads_bind": None, "cpu_reserved_cpus": None},
+    "omp_2_threads": {"omp_num_threads": 2, "cpu_omp_threads_bind": None, "cpu_reserved_cpus": None},
+    "bind_both_cores": {"omp_num_threads": None, "cpu_omp_threads_bind": "0-1", "cpu_reserved_cpus": 0},
+    "omp_2_max_num_seqs_64": {"omp_num_threads": 2, "cpu_omp_threads_bind": None, "cpu_reserved_cpus": None,
+                              "max_num_seqs": 64},
+}
+
+
+def vllm_cpu_settings(args) -> dict:
+    """Generated tokens/s of the vLLM engine under each of ``SETTINGS`` (each in a process of its own), at N=256."""
+    runs = {}
+    for name, engine in SETTINGS.items():
+        out = Path(args.work) / f"settings-{name}.json"
+        run([sys.executable, "-m", "bench.annotation", "--backends", "vllm", "--n", str(args.settings_n),
+             "--max-tokens", str(args.max_tokens), "--no-score", "--out", str(out), "--engine",
+             *(f"{k}={'null' if v is None else v}" for k, v in engine.items())])
+        raw = read_json(out)["vllm"]
+        runs[name] = {"engine": engine, "engine_start_seconds": raw["engine_start_seconds"],
+                      "generated_tokens_per_second": raw["runs"][0]["generated_tokens_per_second"]}
+    best = max(runs, key=lambda k: runs[k]["generated_tokens_per_second"])
+    return {"n": args.settings_n, "max_tokens": args.max_tokens, "runs": runs, "best": best}
+
+
+def ingest(args) -> dict:
+    out = Path(args.work) / "ingest.json"
+    run([sys.executable, "-m", "bench.ingest", "--n", *map(str, args.ingest_n), "--out", str(out)])
+    return read_json(out)
 
 
 def dpo(args) -> dict:
@@ -155,17 +191,30 @@ def default_repro(env: dict) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def machine() -> dict:
+    """The machine the figures were measured on."""
+    from politune.common import cpu_bf16
+
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"cpus": os.cpu_count(), "cpu": name, "cpu_bf16": cpu_bf16(), "python": sys.version.split()[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--work", default="bench-out")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["annotation", "dpo", "evaluate", "repro"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["annotation", "vllm_cpu_settings", "dpo", "evaluate", "ingest", "repro"])
     parser.add_argument("--annotation-n", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--settings-n", type=int, default=256, help="prompts per vLLM CPU setting timed")
     parser.add_argument("--transformers-max-n", type=int, default=256, help="largest N for batched transformers")
     parser.add_argument("--b1-max-n", type=int, default=64,
                         help="largest N for transformers batch 1 (its tokens/s do not grow with N)")
-    parser.add_argument("--no-score", action="store_true", help="annotation: time generation only")
+    parser.add_argument("--score", action="store_true",
+                        help="annotation: time scoring as well as generation (the figures compare generation)")
+    parser.add_argument("--ingest-n", type=int, nargs="+", default=[200_000, 2_000_000],
+                        help="sizes of the generated corpus ingested (bench.ingest)")
     parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "optimised"])
     parser.add_argument("--dpo-steps", type=int, help="DPO steps (default: the default run's dpo.max_steps)")
     parser.add_argument("--exp-set", default="evaluate.bootstrap=999",
@@ -174,9 +223,11 @@ def main() -> None:
                         help="time `dvc repro` of the default params in a fresh clone of HEAD")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    report = read_json(args.out) if Path(args.out).exists() else {}
-    report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    for name, fn in (("annotation", annotation), ("dpo", dpo), ("evaluate", evaluate), ("repro", repro)):
+    # Every part run: a report of this run alone; some skipped: the parts run replace theirs in the existing report.
+    report = read_json(args.out) if args.skip and Path(args.out).exists() else {}
+    report["machine"] = machine()
+    for name, fn in (("ingest", ingest), ("annotation", annotation), ("vllm_cpu_settings", vllm_cpu_settings),
+                     ("dpo", dpo), ("evaluate", evaluate), ("repro", repro)):
         if name in args.skip:
             continue
         report[name] = fn(args)
