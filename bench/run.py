@@ -140,6 +140,14 @@ def stage_seconds(stages: list[str], uri: str | None = None) -> dict[str, float]
     return out
 
 
+BENCH_FILES = ("reports/bench.json", "reports/bench.md")
+
+
+def changed_files(env: dict) -> list[str]:
+    """Tracked files that differ from HEAD."""
+    return run(["git", "diff", "--name-only", "HEAD"], env=env).split()
+
+
 def repro(args) -> dict:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     t0 = time.perf_counter()
@@ -147,6 +155,9 @@ def repro(args) -> dict:
     noop = time.perf_counter() - t0
     if "Running stage" in out:
         raise SystemExit("dvc repro ran stages: run `make repro` first so that nothing has changed")
+    before = changed_files(env)
+    if args.exp_set and {"params.yaml", "dvc.lock"} & set(before):
+        raise SystemExit("commit params.yaml and dvc.lock first: the timed `dvc exp run` restores HEAD's after it")
     result = {"noop_seconds": round(noop, 2)}
     if args.exp_set:
         t0 = time.perf_counter()
@@ -156,7 +167,11 @@ def repro(args) -> dict:
         own = stage_seconds(ran)
         result.update(exp_run_set=args.exp_set, exp_run_seconds=round(wall, 1), exp_run_stages=ran,
                       exp_run_stage_seconds=own, exp_run_overhead_seconds=round(wall - sum(own.values()), 1))
-        run(["git", "checkout", "--", "params.yaml"], env=env)  # the experiment is saved; the workspace returns
+        # The experiment is saved in its ref; the workspace returns to HEAD's params, lock and metrics files (those
+        # the experiment changed).
+        changed = [f for f in changed_files(env) if f not in BENCH_FILES and f not in before]
+        if changed:
+            run(["git", "checkout", "HEAD", "--", *changed], env=env)
         run(["dvc", "checkout", "-q"], env=env)
     if args.default_repro:
         result.update(default_repro(env))
@@ -223,6 +238,8 @@ def main() -> None:
                         help="time `dvc repro` of the default params in a fresh clone of HEAD")
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if "repro" not in args.skip and args.exp_set and {"params.yaml", "dvc.lock"} & set(changed_files(dict(os.environ))):
+        raise SystemExit("commit params.yaml and dvc.lock first: the timed `dvc exp run` restores HEAD's after it")
     # Every part run: a report of this run alone; some skipped: the parts run replace theirs in the existing report.
     report = read_json(args.out) if args.skip and Path(args.out).exists() else {}
     report["machine"] = machine()
