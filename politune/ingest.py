@@ -298,8 +298,10 @@ class Seen:
                 return False
         self.recent.add(digest)
         if len(self.recent) >= self.merge_at:
-            fresh = self.np.fromiter(self.recent, dtype=self.np.uint64, count=len(self.recent))
-            self.merged = self.np.union1d(self.merged, fresh)
+            # None of the recent digests is in the merged array: insert them at their sorted places (one new array,
+            # where np.union1d would sort a concatenated copy).
+            fresh = self.np.sort(self.np.fromiter(self.recent, dtype=self.np.uint64, count=len(self.recent)))
+            self.merged = self.np.insert(self.merged, self.np.searchsorted(self.merged, fresh), fresh)
             self.recent = set()
         return True
 
