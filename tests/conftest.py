@@ -129,7 +129,7 @@ def copy_project(dest: Path) -> Path:
 
 # The judge's own server options (params.yaml judge.serve), as tests/test_failures.py starts a server of its own.
 SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.5,
-                "enable_chunked_prefill": False, "cpu_kvcache_space_gib": 1}
+                "enable_chunked_prefill": False, "cpu_kvcache_space_gib": 1, "multiprocessing": False}
 
 
 @pytest.fixture(scope="session")
@@ -195,7 +195,10 @@ def lora_server(smollm2_dir, tmp_path_factory):
     adapter = strong_adapter(smollm2_dir, tmp / "strong")
     cfg = typed(base=PARAMS["base"], lora=PARAMS["lora"], judge=PARAMS["judge"])
     log = tmp / "serve.log"
-    url, proc = serve.start(smollm2_dir, chat.server_options(cfg, {"strong": str(adapter)}), 0, log, 300)
+    # float32 as the local PEFT model it is compared with: dtype auto is bfloat16 on a CPU with AVX512-BF16, where
+    # greedy answers may part from float32 ones after a few tokens.
+    options = dict(chat.server_options(cfg, {"strong": str(adapter)}), dtype="float32")
+    url, proc = serve.start(smollm2_dir, options, 0, log, 300)
     yield LoraServer(url, proc, log, adapter)
     serve.stop(proc)
 
