@@ -281,6 +281,20 @@ def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
     return table, report
 
 
+def score_distribution(scores, bins: int = 20) -> list[dict[str, Any]]:
+    """Every post's score for the ideology as plot rows, one per bin of width 1/``bins``: ``threshold`` (the bin's
+    lower edge), ``posts`` (scores in the bin) and ``kept_at_threshold`` (scores at or above it: what that
+    ``annotate.threshold`` would keep before ``max_kept``). Posts without a score (invalid json ratings) are left out.
+    """
+    values = np.asarray(scores, dtype=float)
+    values = values[~np.isnan(values)]
+    edges = np.round(np.arange(bins) / bins, 6)
+    index = np.minimum((values * bins + 1e-9).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    return [{"threshold": float(edge), "posts": int(count), "kept_at_threshold": int((values >= edge - 1e-9).sum())}
+            for edge, count in zip(edges, counts)]
+
+
 def sample_markdown(table, n: int) -> str:
     kept = table[table["status"] == "kept"].head(n)
     lines = ["# Annotation sample", "", f"{len(kept)} of the kept triplets, in corpus order.", ""]
@@ -317,6 +331,8 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         write_json(paths.report, report)
         with atomic_path(paths.sample) as tmp:
             tmp.write_text(sample_markdown(table, cfg.sample_size), encoding="utf-8")
+        if getattr(paths, "score_plot", None):
+            write_json(paths.score_plot, score_distribution(table["score"]))
         log_metrics(mlflow, report)
         log_artifacts(mlflow, paths.sample)
     log.info("annotation: %s", {k: report[k] for k in ("posts_in", "kept", "dropped", "invalid")})

@@ -13,6 +13,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="annotated table (Parquet)")
     parser.add_argument("--report", required=True)
     parser.add_argument("--sample", required=True, help="human-readable sample of kept triplets (Markdown)")
+    parser.add_argument("--score-plot", help="every post's score as a DVC plot: histogram and posts kept per threshold")
     stage_main(parser, SECTIONS, annotate.run, argv)
 
 

@@ -150,3 +150,19 @@ def test_separation_aucs_from_the_corpus_labels():
     sep = report["separation"]["right_vs_left"]
     assert sep["auc"] < 1.0 and sep["ci_low"] <= sep["auc"] <= sep["ci_high"]
     assert report["separation"]["political_vs_off"]["auc"] < 1.0
+
+
+def test_score_distribution_counts_what_each_threshold_keeps():
+    from politune.annotate import score_distribution
+
+    rows = score_distribution([0.0, 0.04, 0.05, 0.4, 0.41, 1.0, float("nan")])
+    assert len(rows) == 20 and rows[0] == {"threshold": 0.0, "posts": 2, "kept_at_threshold": 6}
+    assert rows[1] == {"threshold": 0.05, "posts": 1, "kept_at_threshold": 4}
+    assert rows[8] == {"threshold": 0.4, "posts": 2, "kept_at_threshold": 3}
+    assert rows[19] == {"threshold": 0.95, "posts": 1, "kept_at_threshold": 1}
+    assert sum(r["posts"] for r in rows) == 6
+    # The plot's count at a threshold is what annotate keeps there (the ideology's side, no max_kept).
+    for threshold in (0.3, 0.45, 0.5, 0.7):
+        table, report = annotate(posts(), Scripted(), "right", cfg(threshold=threshold), seed=0)
+        at = next(r for r in score_distribution(table["score"]) if abs(r["threshold"] - threshold) < 1e-9)
+        assert at["kept_at_threshold"] == report["kept_by_side"]["right"]
