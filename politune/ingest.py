@@ -36,6 +36,8 @@ from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from politune.common import InputError, atomic_path, write_json
 from politune.schema import FIELDS, PRESETS, Ingest, Params, Source
 
@@ -280,9 +282,7 @@ class Seen:
     posts: about 3 in a million."""
 
     def __init__(self, merge_at: int = 1 << 16) -> None:
-        import numpy as np
-
-        self.np, self.merge_at = np, merge_at
+        self.merge_at = merge_at
         self.recent: set[int] = set()
         self.merged = np.zeros(0, dtype=np.uint64)
 
@@ -292,16 +292,16 @@ class Seen:
         if digest in self.recent:
             return False
         if len(self.merged):
-            key = self.np.uint64(digest)
-            at = int(self.np.searchsorted(self.merged, key))
+            key = np.uint64(digest)
+            at = int(np.searchsorted(self.merged, key))
             if at < len(self.merged) and self.merged[at] == key:
                 return False
         self.recent.add(digest)
         if len(self.recent) >= self.merge_at:
             # None of the recent digests is in the merged array: insert them at their sorted places (one new array,
             # where np.union1d would sort a concatenated copy).
-            fresh = self.np.sort(self.np.fromiter(self.recent, dtype=self.np.uint64, count=len(self.recent)))
-            self.merged = self.np.insert(self.merged, self.np.searchsorted(self.merged, fresh), fresh)
+            fresh = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.merged = np.insert(self.merged, np.searchsorted(self.merged, fresh), fresh)
             self.recent = set()
         return True
 
