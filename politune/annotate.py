@@ -1,26 +1,29 @@
-"""Stage ``annotate``: score posts for the target ideology and write preference triplets, with vLLM.
+"""Stages ``score`` and ``generate``: score every post for every viewpoint, then write preference triplets for the
+posts kept for the target ideology, with vLLM.
 
 Backends (``annotate.backend``, see ``politune/backends.py``): ``vllm`` (default), ``openai``, ``transformers``.
 
-Step 1, scoring, ``annotate.score_method``. ``json``: the annotator rates each post as JSON constrained to a schema
-(an integer 0-10 and a short reason), retried like the triplets; the score is the rating / 10. ``likelihood`` (the
-default for the small CPU model): a small model follows rating instructions poorly (SmolLM2-135M gives every post the same digit), so
-the score comes from token probabilities instead: the annotator reads each post after one prefix per viewpoint
-(every ideology in ``annotate.viewpoints`` plus ``none``), and the post's log-likelihood under each prefix gives a
-generative classifier. With ``calibrate: true`` each viewpoint's mean log-likelihood over the corpus is subtracted
-first (the prior correction of contextual calibration). The score is P(target ideology | post) in [0, 1]; posts at
-or above ``annotate.threshold`` are kept.
+Stage ``score`` (``annotate.score_method``), which reads neither the ideology nor the threshold, so that a change of
+either reruns ``generate`` only. ``likelihood`` (the default for the small CPU model): a small model follows rating
+instructions poorly (SmolLM2-135M gives every post the same digit), so the score comes from token probabilities
+instead: the annotator reads each post after one prefix per viewpoint (every one in ``annotate.viewpoints`` plus
+``none``), and the post's log-likelihood under each prefix gives a generative classifier. With ``calibrate: true``
+each viewpoint's mean log-likelihood over the corpus is subtracted first (the prior correction of contextual
+calibration). ``score_<viewpoint>`` is P(viewpoint | post) in [0, 1]. ``json``: the annotator rates each post for
+each viewpoint as JSON constrained to a schema (an integer 0-10 and a short reason), retried like the triplets;
+``score_<viewpoint>`` is the rating / 10.
 
-Step 2, generation. For each kept post the annotator writes, as JSON constrained to a schema by vLLM structured
-outputs, an instruction the post could answer, a *chosen* answer in the ideology's voice and a *rejected* answer
-that argues the opposite. Outputs that fail validation are retried (sampled, seeded) up to ``max_retries`` times,
-then marked ``invalid`` and counted.
+Stage ``generate``: posts whose score for the ideology is at or above ``annotate.threshold`` are kept. For each, the
+annotator writes, as JSON constrained to a schema by vLLM structured outputs, an instruction the post could answer, a
+*chosen* answer in the ideology's voice and a *rejected* answer that argues the opposite. Outputs that fail
+validation are retried (sampled, seeded) up to ``max_retries`` times, then marked ``invalid`` and counted.
 
 With ``annotate.mirror`` the opposite viewpoint (``prompts.<ideology>.opposite``) is annotated too: posts not kept
-for the ideology whose score for the opposite reaches the threshold get triplets from the opposite's own prompts
-(the likelihood scores already cover every viewpoint; ``json`` scoring rates the posts a second time). Every kept
-row carries ``side``, the viewpoint its chosen answer voices; ``datasets.mirror.source: annotated`` turns the
-opposite's rows into mirror pairs (docs/steering.md).
+for the ideology whose score for the opposite reaches the threshold get triplets from the opposite's own prompts.
+Every kept row carries ``side``, the viewpoint its chosen answer voices; ``datasets.mirror.source: annotated`` turns
+the opposite's rows into mirror pairs (docs/steering.md).
+
+Both stages work in shards of ``annotate.shard_size`` posts that a killed stage resumes from (``politune/shards.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
-from politune.backends import make_backend
-from politune.common import InputError, atomic_path, seed_everything, write_json
-from politune.schema import Annotate, Params
+from politune.backends import Backend, make_backend
+from politune.common import InputError, atomic_path, fingerprint, seed_everything, write_json
+from politune.schema import Annotate, Params, Score, Triplets
+from politune.shards import Shards, run_shards
 
 log = logging.getLogger("politune.annotate")
 
@@ -98,7 +102,7 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def build_chat(cfg: Annotate, ideology: str, post: str) -> list[dict[str, str]]:
+def build_chat(cfg: Triplets, ideology: str, post: str) -> list[dict[str, str]]:
     prompts = cfg.prompts[ideology]
     fill = {"post": post, "ideology": ideology, "viewpoint": cfg.viewpoints[ideology],
             "opposite": cfg.viewpoints[prompts.opposite]}
@@ -108,22 +112,23 @@ def build_chat(cfg: Annotate, ideology: str, post: str) -> list[dict[str, str]]:
     ]
 
 
-def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Annotate, seed: int):
-    """Schema-constrained generation with bounded retries: returns ({key: parsed}, retries, [keys never valid]).
+def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Score | Triplets, seed: int):
+    """Schema-constrained generation with bounded retries: returns ({key: parsed}, {key: retries}, [keys never
+    valid]).
 
     The first attempt is greedy; each retry samples at ``retry_temperature`` with its own seed.
     """
-    done, pending, retries = {}, list(chats), 0
+    done, pending = {}, list(chats)
+    retries = dict.fromkeys(chats, 0)
     for attempt in range(cfg.max_retries + 1):
         if not pending:
             break
-        if attempt:
-            retries += len(pending)
         temperature = 0.0 if attempt == 0 else cfg.retry_temperature
         outputs = backend.generate_json([chats[k] for k in pending], schema, cfg.max_new_tokens, temperature,
                                         seed + attempt)
         still = []
         for key, text in zip(pending, outputs):
+            retries[key] = attempt
             parsed = parse(text)
             if parsed is None:
                 still.append(key)
@@ -133,22 +138,93 @@ def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Anno
     return done, retries, pending
 
 
-def json_scores(table, backend, ideology: str, cfg: Annotate, seed: int):
-    """``score_method: json``: the annotator rates each post as JSON {score: 0..10, reason}; returns [0, 1] scores."""
-    low, high = SCORE_RANGE
-    prompts = cfg.prompts[ideology]
-    chats = {i: [{"role": "system", "content": prompts.system.format(viewpoint=cfg.viewpoints[ideology])},
-                 {"role": "user", "content": prompts.score.format(post=table.at[i, "text"], low=low, high=high,
-                                                                     viewpoint=cfg.viewpoints[ideology])}]
-             for i in table.index}
-    done, retries, failed = generate_validated(backend, chats, Rating.model_json_schema(), parser(Rating), cfg,
-                                              seed)
-    scores = np.array([done[i]["score"] / high if i in done else np.nan for i in table.index])
-    reasons = [done[i]["reason"] if i in done else None for i in table.index]
-    return scores, reasons, retries, failed
+def viewpoint_names(cfg: Score) -> list[str]:
+    """The viewpoints a post is scored for under ``likelihood``: ``annotate.viewpoints`` and ``none``."""
+    return list(cfg.viewpoints) + ["none"]
 
 
-def select(table, column: str, cfg: Annotate, eligible) -> np.ndarray:
+def score_shard(posts, backend, cfg: Score, seed: int):
+    """One shard's raw scores, indexed like ``posts``: ``loglik_<viewpoint>`` (likelihood), or ``score_<viewpoint>``
+    ([0, 1], NaN where no valid rating came), ``reason_<viewpoint>`` and ``retries_<viewpoint>`` (json)."""
+    import pandas as pd
+
+    tokens = backend.tokens_generated
+    if cfg.score_method == "json":
+        low, high = SCORE_RANGE
+        columns = {}
+        for name, viewpoint in cfg.viewpoints.items():
+            chats = {i: [{"role": "system", "content": cfg.score_system.format(viewpoint=viewpoint)},
+                         {"role": "user", "content": cfg.score_prompt.format(post=posts.at[i, "text"], low=low,
+                                                                             high=high, viewpoint=viewpoint)}]
+                     for i in posts.index}
+            done, retries, _ = generate_validated(backend, chats, Rating.model_json_schema(), parser(Rating), cfg,
+                                                  seed)
+            columns[f"score_{name}"] = [done[i]["score"] / high if i in done else np.nan for i in posts.index]
+            columns[f"reason_{name}"] = [done[i]["reason"] if i in done else None for i in posts.index]
+            columns[f"retries_{name}"] = [retries[i] for i in posts.index]
+    else:
+        names = viewpoint_names(cfg)
+        prefixes = [cfg.score_prefix.format(viewpoint=cfg.viewpoints[n]) for n in cfg.viewpoints]
+        prefixes.append(cfg.score_prefix.format(viewpoint=cfg.none_viewpoint))
+        loglik = backend.loglikelihoods(prefixes, posts["text"].tolist(), cfg.max_post_tokens)
+        columns = {f"loglik_{name}": loglik[:, j] for j, name in enumerate(names)}
+    return pd.DataFrame(columns, index=posts.index), {"tokens_generated": backend.tokens_generated - tokens}
+
+
+def finish_scores(posts, raw, cfg: Score):
+    """Every post with its scores for every viewpoint (``score_<viewpoint>``) from the shards' raw columns: under
+    ``likelihood`` the posterior over the corpus (``calibrate`` needs all of it) and the likeliest ``viewpoint``."""
+    table = posts.copy()
+    for column in raw.columns:
+        table[column] = raw[column].to_numpy()
+    if cfg.score_method == "json":
+        table["viewpoint"] = None
+        return table
+    names = viewpoint_names(cfg)
+    probs = viewpoint_probabilities(raw[[f"loglik_{n}" for n in names]].to_numpy(), cfg.calibrate)
+    for j, name in enumerate(names):
+        table[f"score_{name}"] = probs[:, j].round(6)
+    table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
+    return table
+
+
+def score(posts, backend, cfg: Score, seed: int, shards: Shards | None = None):
+    """Stage ``score``: every post's scores for every viewpoint, in shards of ``annotate.shard_size``; returns the
+    scored table and the report. ``backend`` may be a callable that starts the engine, called only if a shard is
+    left to compute (a resumed run whose shards are all done starts none)."""
+    t0 = time.perf_counter()
+    engine = _lazy(backend)
+    raw, totals = run_shards(posts.index, cfg.shard_size, lambda keys: score_shard(posts.loc[keys], engine(), cfg,
+                                                                                     seed), shards, "score")
+    if raw is None:
+        raise InputError("score: no posts to score")
+    table = finish_scores(posts, raw, cfg)
+    wall = time.perf_counter() - t0
+    report: dict[str, Any] = {"score_method": cfg.score_method, "posts": int(len(table)),
+                              "shards": -(-len(table) // cfg.shard_size)}
+    report["mean_score"] = {name: round(float(table[f"score_{name}"].mean()), 4)
+                            for name in (cfg.viewpoints if cfg.score_method == "json" else viewpoint_names(cfg))}
+    if cfg.score_method == "json":
+        report["invalid"] = {name: int(table[f"score_{name}"].isna().sum()) for name in cfg.viewpoints}
+        report["retries"] = int(sum(table[f"retries_{name}"].sum() for name in cfg.viewpoints))
+    report.update(tokens_generated=int(totals.get("tokens_generated", 0)), wall_seconds=round(wall, 2),
+                  posts_per_second=round(len(table) / wall, 3))
+    return table, report
+
+
+def _lazy(backend):
+    """``backend``, or the backend a zero-argument callable makes, made once on first use."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(backend if isinstance(backend, Backend) else backend())
+        return made[0]
+
+    return get
+
+
+def select(table, column: str, cfg: Triplets, eligible) -> np.ndarray:
     """Rows whose ``column`` score reaches ``annotate.threshold`` (among ``eligible``), the ``max_kept`` best."""
     keep = (table[column] >= cfg.threshold).to_numpy() & np.asarray(eligible, dtype=bool)
     if cfg.max_kept:
@@ -196,71 +272,71 @@ def separation(table, political: np.ndarray, ideology: str, opposite: str, viewp
                                                   political[labelled & ~is_political], rng)}
 
 
-def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
-    """Return the annotated table (every post, with its status) and the report."""
+def generate_shard(table, keys, backend, cfg: Triplets, seed: int):
+    """One shard's triplets: for the kept posts ``keys``, ``status`` (kept or invalid), the triplet's fields and the
+    retries each took."""
+    import pandas as pd
+
+    tokens = backend.tokens_generated
+    chats = {i: build_chat(cfg, table.at[i, "side"], table.at[i, "text"]) for i in keys}
+    triplet = triplet_model(cfg.max_answer_chars)
+    done, retries, _ = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet), cfg, seed)
+    frame = pd.DataFrame({"status": ["kept" if i in done else "invalid" for i in keys],
+                          **{name: [done[i][name] if i in done else None for i in keys] for name in TRIPLET_FIELDS},
+                          "retries": [retries[i] for i in keys]}, index=pd.Index(keys))
+    return frame, {"tokens_generated": backend.tokens_generated - tokens}
+
+
+def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: Shards | None = None):
+    """Stage ``generate``: select the posts for the ideology (and with ``mirror`` for its opposite) from their
+    scores, write their triplets in shards; returns the annotated table (every post, with its status) and the
+    report. ``backend``: as for ``score``."""
     t0 = time.perf_counter()
-    table = posts.copy()
-    names = list(cfg.viewpoints) + ["none"]
-    retries, score_invalid = 0, []
-    probs = None
-    if cfg.score_method == "json":
-        scores, reasons, retries, score_invalid = json_scores(table, backend, ideology, cfg, seed)
-        table["score"] = scores
-        table["reason"] = reasons
-        table["viewpoint"] = None
-    else:
-        prefixes = [cfg.score_prefix.format(viewpoint=cfg.viewpoints[n]) for n in cfg.viewpoints]
-        prefixes.append(cfg.score_prefix.format(viewpoint=cfg.none_viewpoint))
-        loglik = backend.loglikelihoods(prefixes, table["text"].tolist(), cfg.max_post_tokens)
-        probs = viewpoint_probabilities(loglik, cfg.calibrate)
-        table["score"] = probs[:, names.index(ideology)].round(6)
-        table["viewpoint"] = [names[k] for k in probs.argmax(axis=1)]
-    keep = select(table, "score", cfg, ~table.index.isin(score_invalid))
-    table["side"] = np.where(keep, ideology, None)
+    engine = _lazy(backend)
+    table = scored.copy()
     opposite = cfg.prompts[ideology].opposite
+    for name in (ideology, opposite) if cfg.mirror else (ideology,):
+        if f"score_{name}" not in table:
+            raise InputError(f"the scores have no column score_{name}: score the viewpoint {name!r} "
+                             "(annotate.viewpoints) before generating for it")
+    table["score"] = table[f"score_{ideology}"]
+    score_invalid = table["score"].isna().to_numpy()
+    keep = select(table, "score", cfg, ~score_invalid)
+    table["side"] = np.where(keep, ideology, None)
     if cfg.mirror:
-        if cfg.score_method == "json":
-            scores, _, more, invalid = json_scores(table, backend, opposite, cfg, seed)
-            table["score_opposite"] = scores
-            retries += more
-        else:
-            table["score_opposite"] = probs[:, names.index(opposite)].round(6)
-            invalid = []
-        other = select(table, "score_opposite", cfg, ~keep & ~table.index.isin(score_invalid + list(invalid)))
+        table["score_opposite"] = table[f"score_{opposite}"]
+        other = select(table, "score_opposite", cfg, ~keep & ~score_invalid & table["score_opposite"].notna())
         table.loc[other, "side"] = opposite
         keep = keep | other
     table["status"] = np.where(keep, "pending", "dropped")
     table.loc[score_invalid, "status"] = "invalid"
-    for name in TRIPLET_FIELDS:
+    rows, totals = run_shards(table.index[keep], cfg.shard_size,
+                              lambda keys: generate_shard(table, keys, engine(), cfg, seed), shards, "generate")
+    for name in (*TRIPLET_FIELDS, "retries"):
         table[name] = None
-    chats = {i: build_chat(cfg, table.at[i, "side"], table.at[i, "text"]) for i in table.index[keep]}
-    triplet = triplet_model(cfg.max_answer_chars)
-    done, triplet_retries, failed = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet),
-                                                       cfg, seed)
-    for i, triplet in done.items():
-        for name in TRIPLET_FIELDS:
-            table.at[i, name] = triplet[name]
-        table.at[i, "status"] = "kept"
-    table.loc[failed, "status"] = "invalid"
+    if rows is not None:
+        for name in ("status", *TRIPLET_FIELDS, "retries"):
+            table.loc[rows.index, name] = rows[name].to_numpy()
     kept = table[(table["status"] == "kept") & (table["side"] == ideology)]
     wall = time.perf_counter() - t0
+    names = list(cfg.viewpoints) + (["none"] if "score_none" in table else [])
     report = {
         "ideology": ideology,
-        "score_method": cfg.score_method,
         "posts_in": int(len(table)),
         "kept": int((table["status"] == "kept").sum()),
         "kept_by_side": {side: int(((table["status"] == "kept") & (table["side"] == side)).sum())
                          for side in dict.fromkeys([ideology, opposite] if cfg.mirror else [ideology])},
         "dropped": int((table["status"] == "dropped").sum()),
         "invalid": int((table["status"] == "invalid").sum()),
-        "invalid_scores": len(score_invalid),
-        "retries": int(retries + triplet_retries),
+        "invalid_scores": int(score_invalid.sum()),
+        "retries": int(rows["retries"].sum()) if rows is not None else 0,
         "mean_score_kept": round(float(kept["score"].mean()), 4) if len(kept) else None,  # the ideology's rows
-        "tokens_generated": int(backend.tokens_generated),
+        "tokens_generated": int(totals.get("tokens_generated", 0)),
         "wall_seconds": round(wall, 2),
         "posts_per_second": round(len(table) / wall, 3),
     }
     if "label" in table and table["label"].notna().any():
+        likelihood = "score_none" in table
         quality = {}
         for label, group in table[table["label"].notna()].groupby("label"):
             quality[str(label)] = {
@@ -268,16 +344,25 @@ def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
                 "mean_score": round(float(group["score"].mean()), 4),
                 "kept_rate": round(float((group["status"] != "dropped").mean()), 4),
                 "viewpoint_match": round(float((group["viewpoint"] == label).mean()), 4)
-                if label in names and cfg.score_method == "likelihood" else None,
+                if label in names and likelihood else None,
             }
         report["quality"] = quality
-        if probs is not None:
-            political = 1 - probs[:, names.index("none")]
-        elif "score_opposite" in table:
-            political = np.fmax(table["score"].to_numpy(dtype=float), table["score_opposite"].to_numpy(dtype=float))
-        else:
-            political = table["score"].to_numpy(dtype=float)
+        if likelihood:
+            political = 1 - table["score_none"].to_numpy(dtype=float)
+        else:  # json: the larger of the viewpoints' ratings
+            political = np.fmax.reduce([table[f"score_{n}"].to_numpy(dtype=float) for n in cfg.viewpoints])
         report["separation"] = separation(table, political, ideology, opposite, cfg.viewpoints, seed)
+    return table, report
+
+
+def annotate(posts, backend, ideology: str, cfg: Annotate, seed: int):
+    """Both stages in one call (the library's way to annotate a table, and the tests'): ``score`` then
+    ``generate``; the report is generate's with the scores' method, retries and generated tokens added in."""
+    scored, scores_report = score(posts, backend, cfg, seed)
+    table, report = generate(scored, backend, ideology, cfg, seed)
+    report["score_method"] = cfg.score_method
+    report["retries"] += scores_report.get("retries", 0)
+    report["tokens_generated"] += scores_report["tokens_generated"]
     return table, report
 
 
@@ -305,25 +390,58 @@ def sample_markdown(table, n: int) -> str:
     return "\n".join(lines)
 
 
-def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
-    """Run the stage: ``params`` holds its validated sections, ``paths`` its files as ``dvc.yaml`` names them."""
-    ideology, base, cfg = params.ideology, params.base, params.annotate
+def score_plot(table, viewpoints, bins: int = 20) -> list[dict[str, Any]]:
+    """The scores as one DVC plot: per bin edge (``threshold``), ``<viewpoint>_posts`` and
+    ``<viewpoint>_kept_at_threshold`` for each viewpoint (``score_distribution``)."""
+    rows = [{"threshold": edge} for edge in np.round(np.arange(bins) / bins, 6).tolist()]
+    for name in viewpoints:
+        for row, entry in zip(rows, score_distribution(table[f"score_{name}"], bins)):
+            row[f"{name}_posts"] = entry["posts"]
+            row[f"{name}_kept_at_threshold"] = entry["kept_at_threshold"]
+    return rows
+
+
+def run_score(params: Params, params_file: str, paths: argparse.Namespace) -> None:
+    """Run the ``score`` stage: ``params`` holds its validated keys, ``paths`` its files as ``dvc.yaml`` names them."""
+    import pandas as pd
+
+    from politune.tracking import log_metrics, stage_run
+
+    cfg, seed = params.annotate, params.base.seed
+    seed_everything(seed)
+    posts = pd.read_parquet(paths.posts)
+    if cfg.max_posts:
+        posts = posts.head(cfg.max_posts)
+    shards = Shards(paths.work, fingerprint(params, paths.posts, paths.model))
+    with stage_run("score", params, params_file) as mlflow:
+        table, report = score(posts, lambda: make_backend(cfg, paths.model, seed), cfg, seed, shards)
+        report["backend"] = cfg.backend
+        with atomic_path(paths.out) as tmp:
+            table.to_parquet(tmp, index=False)
+        write_json(paths.report, report)
+        write_json(paths.plot, score_plot(table, cfg.viewpoints))
+        log_metrics(mlflow, report)
+    shards.clear()
+    log.info("scores: %s", {k: report[k] for k in ("posts", "mean_score", "wall_seconds")})
+
+
+def run_generate(params: Params, params_file: str, paths: argparse.Namespace) -> None:
+    """Run the ``generate`` stage: ``params`` holds its validated sections and keys, ``paths`` its files."""
     import pandas as pd
 
     from politune.tracking import log_artifacts, log_metrics, stage_run
 
-    seed_everything(base.seed)
-    posts = pd.read_parquet(paths.posts)
-    if cfg.max_posts:
-        posts = posts.head(cfg.max_posts)
-    with stage_run("annotate", params, params_file) as mlflow:
-        backend = make_backend(cfg, paths.model, base.seed)
-        table, report = annotate(posts, backend, ideology, cfg, base.seed)
+    ideology, cfg, seed = params.ideology, params.annotate, params.base.seed
+    seed_everything(seed)
+    scored = pd.read_parquet(paths.scores)
+    shards = Shards(paths.work, fingerprint(params, paths.scores, paths.model))
+    with stage_run("generate", params, params_file) as mlflow:
+        table, report = generate(scored, lambda: make_backend(cfg, paths.model, seed), ideology, cfg, seed, shards)
         report["backend"] = cfg.backend
         if report["kept_by_side"][ideology] == 0:
             scores = table["score"]
             raise InputError(
-                f"{paths.posts}: annotation kept no post for ideology {ideology!r} (scores {scores.min():.3f} to "
+                f"{paths.scores}: annotation kept no post for ideology {ideology!r} (scores {scores.min():.3f} to "
                 f"{scores.max():.3f}, annotate.threshold={cfg.threshold}, {report['invalid']} invalid outputs); "
                 "lower annotate.threshold, raise annotate.max_retries, or add posts to data/raw")
         with atomic_path(paths.out) as tmp:
@@ -331,9 +449,7 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         write_json(paths.report, report)
         with atomic_path(paths.sample) as tmp:
             tmp.write_text(sample_markdown(table, cfg.sample_size), encoding="utf-8")
-        if getattr(paths, "score_plot", None):
-            write_json(paths.score_plot, score_distribution(table["score"]))
         log_metrics(mlflow, report)
         log_artifacts(mlflow, paths.sample)
+    shards.clear()
     log.info("annotation: %s", {k: report[k] for k in ("posts_in", "kept", "dropped", "invalid")})
-

@@ -54,16 +54,33 @@ def read_yaml_text(text: str) -> Any:
 
 def load_params(path: str | os.PathLike, sections: Sequence[str]):
     """Only ``sections`` of the YAML params file, validated once into ``politune.schema.Params``; a missing or bad
-    value fails here with one message naming its key."""
+    value fails here with one message naming its key. An entry ``section.key`` loads that key alone (dvc.yaml's
+    per-key params, so that a stage reruns only for the keys it reads: ``score`` does not read
+    ``annotate.threshold``); the keys a stage loads of a section make one of ``schema.SECTION_PARTS``' models."""
     path = Path(path)
     data = read_yaml(path) or {}
-    missing = [s for s in sections if s not in data]
+    params: dict[str, Any] = {}
+    missing, keyed = [], set()
+    for entry in sections:
+        section, _, key = entry.partition(".")
+        if section not in data:
+            missing.append(section)
+        elif key:
+            keyed.add(section)
+            if not isinstance(data[section], dict) or key not in data[section]:
+                missing.append(entry)
+            else:
+                params.setdefault(section, {})[key] = data[section][key]
+        else:
+            params[section] = data[section]
     if missing:
         raise ParamsError(f"{path}: missing params section(s) {', '.join(missing)}")
-    params = {s: data[s] for s in sections}
-    from politune.schema import Params, validate_sections
+    from politune.schema import SECTION_MODELS, Params, validate_sections
 
-    problems = validate_sections(params)
+    problems = validate_sections(params, keyed)
+    for section in sorted(keyed):  # a key no stage reads (a typo) fails every stage that reads the section
+        problems += [f"{section}.{key}: not a key of the {section} section" for key in data[section]
+                     if key not in SECTION_MODELS[section].model_fields]
     if problems:
         raise ParamsError(f"{path}: " + "; ".join(problems))
     return Params.model_validate(params)
@@ -161,6 +178,35 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def fingerprint(params, *inputs: str | os.PathLike) -> str:
+    """Identify a run for resuming it: its params (``politune.schema.Params``) and its inputs' files (names, sizes,
+    and the bytes of files under 64 MiB)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(params.as_dict(), sort_keys=True, default=str).encode())
+    for root in map(Path, inputs):
+        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            digest.update(f"{path.relative_to(root) if path != root else path.name}:{path.stat().st_size}".encode())
+            if path.stat().st_size < 64 * 2**20:
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_folder(directory: str | os.PathLike, run_id: str, change: bool = True) -> bool:
+    """Whether ``directory`` holds the work of run ``run_id`` (its stamp says so). With ``change``, a folder of any
+    other run is discarded (never a resume from a stale run) and the folder is made and stamped for this one."""
+    directory = Path(directory)
+    stamp = directory / "politune-run-id"
+    same_run = stamp.exists() and stamp.read_text(encoding="utf-8") == run_id
+    if change:
+        if directory.exists() and not same_run:
+            log.info("discarding the work of another run in %s", directory)
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(run_id, encoding="utf-8")
+    return same_run
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

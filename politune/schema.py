@@ -109,29 +109,44 @@ class Transformers(_Strict):
 class Prompts(_Strict):
     opposite: str
     system: str
-    score: str
     generate: str
 
 
-class Annotate(_Strict):
+class Annotator(_Strict):
+    """The annotator's engine, shared by the ``score`` and ``generate`` stages (``annotate.backend`` etc.)."""
+
     backend: Literal["vllm", "openai", "transformers"]
     engine: dict[str, Any]  # passed to vllm.LLM as it is
     openai: OpenAI
     transformers: Transformers
-    score_method: Literal["likelihood", "json"]
-    score_prefix: str
     viewpoints: dict[str, str] = Field(min_length=1)
-    none_viewpoint: str
-    calibrate: bool
-    threshold: float = Field(ge=0.0, le=1.0)
-    max_posts: int | None = Field(default=None, ge=1)
-    max_kept: int | None = Field(default=None, ge=1)
-    max_post_tokens: int = Field(ge=1)
-    prompts: dict[str, Prompts]
-    max_new_tokens: int = Field(ge=1)
-    max_answer_chars: int = Field(ge=8)
+    max_new_tokens: int = Field(ge=1)  # a JSON reply's token budget (ratings and triplets)
     max_retries: int = Field(ge=0)
     retry_temperature: float = Field(ge=0.0)
+    shard_size: int = Field(ge=1)  # posts per shard: each finished shard is kept until the stage ends (resume)
+
+
+class Score(Annotator):
+    """The ``annotate`` keys the ``score`` stage reads (dvc.yaml lists them one by one): every post's score for
+    every viewpoint, which depends on neither the ideology nor the threshold."""
+
+    score_method: Literal["likelihood", "json"]
+    score_prefix: str
+    score_system: str  # json ratings: the system prompt ({viewpoint})
+    score_prompt: str  # json ratings: the user prompt ({post}, {viewpoint}, {low}, {high})
+    none_viewpoint: str
+    calibrate: bool
+    max_posts: int | None = Field(default=None, ge=1)
+    max_post_tokens: int = Field(ge=1)
+
+
+class Triplets(Annotator):
+    """The ``annotate`` keys the ``generate`` stage reads: which posts are kept and the triplets written for them."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    max_kept: int | None = Field(default=None, ge=1)
+    prompts: dict[str, Prompts]
+    max_answer_chars: int = Field(ge=8)
     sample_size: int = Field(ge=0)
     mirror: bool = False  # also annotate the opposite viewpoint (for datasets.mirror.source: annotated)
 
@@ -143,6 +158,14 @@ class Annotate(_Strict):
             if prompts.opposite not in self.viewpoints:
                 raise ValueError(f"prompts.{name}.opposite: {prompts.opposite!r} is not a viewpoint")
         return self
+
+
+class Annotate(Score, Triplets):
+    """The whole ``annotate`` section (params.yaml's check, and a library caller that scores and generates)."""
+
+
+# Sections that stages load key by key (dvc.yaml's `annotate.threshold` entries): the model of each stage's keys.
+SECTION_PARTS: dict[str, tuple[type[BaseModel], ...]] = {"annotate": (Score, Triplets)}
 
 
 Side = Literal["right", "left"]
@@ -318,7 +341,7 @@ class Params(_Strict):
     base: Base | None = None
     models: Models | None = None
     ingest: Ingest | None = None
-    annotate: Annotate | None = None
+    annotate: Annotate | Score | Triplets | None = None  # the whole section, or one stage's keys
     datasets: Datasets | None = None
     launch: Launch | None = None
     recipe: Recipe | None = None
@@ -344,8 +367,20 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def validate_sections(params: dict[str, Any]) -> list[str]:
-    """Return one message per problem (empty if valid), each naming its dotted key."""
+def section_model(section: str, keys=None) -> type[BaseModel] | None:
+    """The schema of a params section, or with ``keys`` (a stage that loads the section key by key) the model of
+    ``SECTION_PARTS`` whose fields are exactly those keys."""
+    if keys is None:
+        return SECTION_MODELS.get(section)
+    for model in SECTION_PARTS.get(section, ()):
+        if set(model.model_fields) == set(keys):
+            return model
+    raise ValueError(f"no model in schema.SECTION_PARTS has exactly the {section} keys {sorted(keys)}")
+
+
+def validate_sections(params: dict[str, Any], keyed=()) -> list[str]:
+    """Return one message per problem (empty if valid), each naming its dotted key. ``keyed``: the sections loaded
+    key by key (their keys make one of ``SECTION_PARTS``' models)."""
     problems = []
     for section, value in params.items():
         if section == "ideology":
@@ -359,7 +394,7 @@ def validate_sections(params: dict[str, Any]) -> list[str]:
                 elif value not in (annotate.get("prompts") or {}):
                     problems.append(f"ideology: {value!r} has no prompts in annotate.prompts")
             continue
-        model = SECTION_MODELS.get(section)
+        model = section_model(section, value if section in keyed else None)
         if model is None:
             if not isinstance(value, dict):
                 problems.append(f"{section}: must be a mapping")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -11,22 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from politune.common import ParamsError, resolve_bf16, stage_parser, write_json
+from politune.common import ParamsError, fingerprint, resolve_bf16, run_folder, stage_parser, write_json
 
 log = logging.getLogger("politune.training")
 CHECKPOINT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1}
-
-
-def fingerprint(params, *inputs: str | Path) -> str:
-    """Identify a training run: its params (``politune.schema.Params``) and its inputs' files (names, sizes, and
-    bytes of small files)."""
-    digest = hashlib.sha256(json.dumps(params.as_dict(), sort_keys=True, default=str).encode())
-    for root in map(Path, inputs):
-        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
-            digest.update(f"{path.relative_to(root) if path != root else path.name}:{path.stat().st_size}".encode())
-            if path.stat().st_size < 64 * 2**20:
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def save_adapter(model, directory: str | Path, **kwargs) -> None:
@@ -55,15 +42,9 @@ def prepare_checkpoints(directory: str | Path, run_id: str) -> bool:
     only the main one changes the folder; the others reach the same decision from the stamp without touching it.
     """
     directory = Path(directory)
-    stamp = directory / "politune-run-id"
-    same_run = stamp.exists() and stamp.read_text(encoding="utf-8") == run_id
     if not is_main_process():
-        return same_run and any(directory.glob("checkpoint-*"))
-    if directory.exists() and not same_run:
-        log.info("discarding checkpoints of another run in %s", directory)
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(run_id, encoding="utf-8")
+        return run_folder(directory, run_id, change=False) and any(directory.glob("checkpoint-*"))
+    run_folder(directory, run_id)
     checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     if checkpoints:
         log.info("resuming from %s", checkpoints[-1])

@@ -208,7 +208,7 @@ def lora_server(smollm2_dir, tmp_path_factory):
 # torch thread, while the tests that do not need it run; the tests that need it run last, in file order. `make test`
 # runs them in lane 2 (below), a pytest process beside the one that runs the rest.
 
-STAGES = {"prepare_models", "ingest", "annotate", "build_datasets", "sft", "dpo", "evaluate", "judge", "export"}
+STAGES = {"prepare_models", "ingest", "score", "generate", "build_datasets", "sft", "dpo", "evaluate", "judge", "export"}
 
 
 def run(cmd, cwd, env):

@@ -166,3 +166,24 @@ def test_score_distribution_counts_what_each_threshold_keeps():
         table, report = annotate(posts(), Scripted(), "right", cfg(threshold=threshold), seed=0)
         at = next(r for r in score_distribution(table["score"]) if abs(r["threshold"] - threshold) < 1e-9)
         assert at["kept_at_threshold"] == report["kept_by_side"]["right"]
+
+
+def test_scores_cover_every_viewpoint_and_generate_reads_them_without_scoring():
+    """The score stage's table holds every viewpoint's score, whatever the ideology; generate selects from it for any
+    ideology and threshold and never scores again (so a threshold change reruns generate only)."""
+    from politune.annotate import generate, score, score_plot
+
+    backend = Scripted()
+    scored, report = score(posts(), backend, cfg(), 0)
+    assert report["posts"] == 9 and report["shards"] == 1
+    for j, name in enumerate(("right", "left", "none")):
+        assert np.allclose(scored[f"score_{name}"], PROBS[:, j], atol=1e-6)
+    backend.loglikelihoods = None  # generate may not score
+    for ideology, column, threshold in (("right", 0, 0.45), ("left", 1, 0.3)):
+        table, report = generate(scored, backend, ideology, cfg(threshold=threshold), 0)
+        assert report["kept_by_side"] == {ideology: int((PROBS[:, column] >= threshold).sum())}
+        at = next(r for r in score_plot(scored, ["right", "left"]) if abs(r["threshold"] - threshold) < 1e-9)
+        assert at[f"{ideology}_kept_at_threshold"] == report["kept_by_side"][ideology]
+    # shards of any size give the same table
+    again, _ = score(posts(), Scripted(), cfg(shard_size=2), 0)
+    assert again.equals(scored)

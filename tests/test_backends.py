@@ -48,11 +48,14 @@ def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     env = dict(os.environ, OPENAI_API_KEY=key)
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "stages.annotate", "--posts", "posts.parquet", "--model", model,
-                           "--out", "annotated.parquet", "--report", "annotation.json", "--sample", "sample.md"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert key not in proc.stdout + proc.stderr
+    for cmd in (["stages.score", "--posts", "posts.parquet", "--out", "scores.parquet", "--report", "scores.json",
+                 "--plot", "plot.json"],
+                ["stages.generate", "--scores", "scores.parquet", "--out", "annotated.parquet", "--report",
+                 "annotation.json", "--sample", "sample.md"]):
+        proc = subprocess.run([sys.executable, "-m", *cmd, "--model", model, "--work", "work"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert key not in proc.stdout + proc.stderr
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), f"key written to {path}"

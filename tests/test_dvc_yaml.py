@@ -41,8 +41,10 @@ def test_stage_params_are_exactly_the_sections_its_module_loads(name):
     stage = PIPELINE[name]
     module = importlib.import_module(stage_module(stage["cmd"]))
     assert sorted(stage.get("params", [])) == sorted(module.SECTIONS)
-    for section in module.SECTIONS:
+    for entry in module.SECTIONS:
+        section, _, key = entry.partition(".")
         assert section in PARAMS, f"params.yaml lacks section {section!r} that stage {name} reads"
+        assert not key or key in PARAMS[section], f"params.yaml lacks {entry} that stage {name} reads"
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
@@ -55,22 +57,32 @@ def test_stage_code_deps_are_exactly_the_code_it_runs(name):
 
 
 def test_every_params_section_is_read_by_some_stage():
-    used = {s for st in PIPELINE.values() for s in st.get("params", [])}
+    used = {s.partition(".")[0] for st in PIPELINE.values() for s in st.get("params", [])}
     assert used == set(PARAMS)
+    # a section that stages read key by key: every key is read by one of them
+    keyed = {s for st in PIPELINE.values() for s in st.get("params", []) if "." in s}
+    assert {f"annotate.{key}" for key in PARAMS["annotate"]} == keyed
 
 
 def test_selective_rerun_design():
-    """ideology reaches annotate and build_datasets (the side of each pair) and nothing upstream; lora reaches
-    only training (sft, and dpo, which builds its adapter from it under recipe.dpo_start: base); export reads both
-    only to quote them in the model card (it reruns for them anyway: models/dpo changes)."""
-    def readers(section):
-        return {n for n, st in PIPELINE.items() if section in st.get("params", [])}
+    """ideology reaches generate and build_datasets (the side of each pair) and nothing upstream; the score stage
+    reads neither the ideology nor the threshold, prompts or mirror (a change reruns generate onwards); lora
+    reaches only training (sft, and dpo, which builds its adapter from it under recipe.dpo_start: base); export
+    reads both only to quote them in the model card (it reruns for them anyway: models/dpo changes)."""
+    def readers(entry):
+        return {n for n, st in PIPELINE.items() if entry in st.get("params", [])}
 
-    assert readers("ideology") == {"annotate", "build_datasets", "export"}
+    assert readers("ideology") == {"generate", "build_datasets", "export"}
+    for key in ("threshold", "max_kept", "prompts", "mirror", "max_answer_chars", "sample_size"):
+        assert readers(f"annotate.{key}") == {"generate"}, key
+    for key in ("score_method", "score_prefix", "calibrate", "none_viewpoint", "max_posts", "max_post_tokens"):
+        assert readers(f"annotate.{key}") == {"score"}, key
+    assert readers("annotate.engine") == {"score", "generate"}
     assert readers("lora") == {"sft", "dpo", "export"}
     upstream_of_annotate = {"prepare_models", "ingest"}
     for name in upstream_of_annotate:
-        assert not {"ideology", "annotate", "lora", "sft", "dpo"} & set(PIPELINE[name].get("params", []))
+        assert not {"ideology", "annotate", "lora", "sft", "dpo"} & {s.partition(".")[0]
+                                                                    for s in PIPELINE[name].get("params", [])}
 
 
 def test_paths_come_from_dvc_yaml_not_code():

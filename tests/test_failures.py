@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_endpoint_killed_mid_run(tmp_path, smollm2_dir, lora_server):
-    """The annotate stage's endpoint dies while it scores: the session's `make serve` server (tests/conftest.py; the
+    """The score stage's endpoint dies while it scores: the session's `make serve` server (tests/conftest.py; the
     last test to use it), serving SmolLM2 as "base"."""
     params = copy.deepcopy(PARAMS)
     posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
@@ -33,10 +33,10 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir, lora_server):
         params["annotate"]["openai"].update(base_url=url, model="base", timeout=5, max_retries=1,
                                             concurrency=2, batch_size=8)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-        out = {"out": tmp_path / "annotated.parquet", "report": tmp_path / "annotation.json",
-               "sample": tmp_path / "sample.md"}
-        cmd = [sys.executable, "-m", "stages.annotate", "--params", "params.yaml", "--posts", "posts.parquet",
-               "--model", str(smollm2_dir)] + [a for k, v in out.items() for a in (f"--{k}", str(v))]
+        out = {"out": tmp_path / "scores.parquet", "report": tmp_path / "scores.json", "plot": tmp_path / "plot.json"}
+        cmd = [sys.executable, "-m", "stages.score", "--params", "params.yaml", "--posts", "posts.parquet",
+               "--model", str(smollm2_dir), "--work", str(tmp_path / "work")] + [
+               a for k, v in out.items() for a in (f"--{k}", str(v))]
         stage_log = tmp_path / "stage.log"
         with stage_log.open("wb") as fh:  # a file, not a pipe: nobody reads while it runs
             stage = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=fh)
@@ -56,7 +56,7 @@ def test_endpoint_killed_mid_run(tmp_path, smollm2_dir, lora_server):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: annotation endpoint " + url) and "retries" in last, last
     assert not any(p.exists() for p in out.values()), "no partial output may be left"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".annotated")], "no temporary left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores")], "no temporary left behind"
 
 
 PROMPTS = ["What do you think about taxes?", "What do you think about health care?", "What is your favourite food?"]

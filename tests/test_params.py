@@ -12,7 +12,6 @@ from politune.schema import validate_sections
 from tests.conftest import PARAMS, ROOT
 
 
-
 def test_shipped_params_are_valid():
     assert validate_sections(PARAMS) == []
 
@@ -43,7 +42,7 @@ def test_each_bad_value_names_its_key(tmp_path, path, value, message):
     assert str(info.value).count(";") == 0, "one problem, one message"
 
 
-def test_annotate_stage_exits_nonzero_without_touching_outputs(tmp_path):
+def test_generate_stage_exits_nonzero_without_touching_outputs(tmp_path):
     params = copy.deepcopy(PARAMS)
     params["annotate"]["threshold"] = 2
     file = tmp_path / "params.yaml"
@@ -52,14 +51,35 @@ def test_annotate_stage_exits_nonzero_without_touching_outputs(tmp_path):
     for path in outs.values():
         path.write_text("earlier result", encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.annotate", "--params", str(file), "--posts", "data/posts.parquet",
+        [sys.executable, "-m", "stages.generate", "--params", str(file), "--scores", "data/scores.parquet",
          "--model", "models/annotator", "--out", str(outs["annotated.parquet"]),
-         "--report", str(outs["annotation.json"]), "--sample", str(outs["sample.md"])],
+         "--report", str(outs["annotation.json"]), "--sample", str(outs["sample.md"]),
+         "--work", str(tmp_path / "work")],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "annotate.threshold" in proc.stderr
     assert all(p.read_text(encoding="utf-8") == "earlier result" for p in outs.values())
+    assert not (tmp_path / "work").exists()
+
+
+def test_stages_that_read_keys_of_a_section_still_refuse_a_misspelt_key(tmp_path):
+    """score and generate load the annotate keys they read, one by one; a key of that section that neither reads
+    (a typo) fails both, with its name."""
+    from stages import generate, score
+
+    params = copy.deepcopy(PARAMS)
+    params["annotate"]["treshold"] = 0.5
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(params), encoding="utf-8")
+    for stage in (score, generate):
+        with pytest.raises(ParamsError, match="annotate.treshold: not a key of the annotate section"):
+            load_params(file, stage.SECTIONS)
+    del params["annotate"]["treshold"], params["annotate"]["score_prompt"]
+    file.write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(ParamsError, match="missing params section.s. annotate.score_prompt"):
+        load_params(file, score.SECTIONS)
+    assert load_params(file, generate.SECTIONS).annotate.threshold == PARAMS["annotate"]["threshold"]
 
 
 def test_params_are_read_as_dvc_reads_them(tmp_path):

@@ -88,16 +88,18 @@ def test_mlflow_mirrors_every_stage_under_one_parent(pipeline):
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(by_stage) == STAGES
     assert by_stage["sft"].data.params["lora.r"] == "16"
-    assert by_stage["annotate"].data.params["ideology"] == "right"
+    assert by_stage["generate"].data.params["ideology"] == "right"
+    assert "annotate.calibrate" in by_stage["score"].data.params and "ideology" not in by_stage["score"].data.params
     assert "base.economic" in by_stage["evaluate"].data.metrics
-    assert "kept" in by_stage["annotate"].data.metrics
+    assert "kept" in by_stage["generate"].data.metrics and "posts" in by_stage["score"].data.metrics
     assert "dpo.score" in by_stage["judge"].data.metrics
 
 
 @pytest.mark.parametrize("key, value, stages", [
     ("lora.r", 8, {"sft", "dpo", "export"}),  # export quotes the training params in the model card
-    ("ideology", "left", {"annotate", "build_datasets", "export"}),
-    ("annotate.threshold", 0.3, {"annotate"}),
+    ("ideology", "left", {"generate", "build_datasets", "export"}),
+    ("annotate.threshold", 0.3, {"generate"}),  # the scores do not depend on it (issue 16)
+    ("annotate.calibrate", False, {"score"}),
     ("datasets.test_size", 0.3, {"build_datasets", "export"}),
     ("dpo.beta", 0.2, {"dpo", "export"}),
     ("export.tolerance", 0.01, {"export"}),
