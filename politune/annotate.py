@@ -193,9 +193,12 @@ def score(posts, backend, cfg: Score, seed: int, shards: Shards | None = None):
     scored table and the report. ``backend`` may be a callable that starts the engine, called only if a shard is
     left to compute (a resumed run whose shards are all done starts none)."""
     t0 = time.perf_counter()
-    engine = _lazy(backend)
-    raw, totals = run_shards(posts.index, cfg.shard_size, lambda keys: score_shard(posts.loc[keys], engine(), cfg,
-                                                                                     seed), shards, "score")
+    engine = _Engine(backend)
+    try:
+        raw, totals = run_shards(posts.index, cfg.shard_size,
+                                 lambda keys: score_shard(posts.loc[keys], engine(), cfg, seed), shards, "score")
+    finally:
+        engine.close()
     if raw is None:
         raise InputError("score: no posts to score")
     table = finish_scores(posts, raw, cfg)
@@ -212,16 +215,23 @@ def score(posts, backend, cfg: Score, seed: int, shards: Shards | None = None):
     return table, report
 
 
-def _lazy(backend):
-    """``backend``, or the backend a zero-argument callable makes, made once on first use."""
-    made = []
+class _Engine:
+    """The backend given, or the one a zero-argument factory makes on first use; ``close`` closes a backend made
+    here (a ``serve`` backend's server) and leaves one given alone."""
 
-    def get():
-        if not made:
-            made.append(backend if isinstance(backend, Backend) else backend())
-        return made[0]
+    def __init__(self, backend) -> None:
+        self.given = isinstance(backend, Backend)
+        self.backend = backend if self.given else None
+        self.factory = None if self.given else backend
 
-    return get
+    def __call__(self) -> Backend:
+        if self.backend is None:
+            self.backend = self.factory()
+        return self.backend
+
+    def close(self) -> None:
+        if not self.given and self.backend is not None:
+            self.backend.close()
 
 
 def select(table, column: str, cfg: Triplets, eligible) -> np.ndarray:
@@ -292,7 +302,7 @@ def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: S
     scores, write their triplets in shards; returns the annotated table (every post, with its status) and the
     report. ``backend``: as for ``score``."""
     t0 = time.perf_counter()
-    engine = _lazy(backend)
+    engine = _Engine(backend)
     table = scored.copy()
     opposite = cfg.prompts[ideology].opposite
     for name in (ideology, opposite) if cfg.mirror else (ideology,):
@@ -310,8 +320,11 @@ def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: S
         keep = keep | other
     table["status"] = np.where(keep, "pending", "dropped")
     table.loc[score_invalid, "status"] = "invalid"
-    rows, totals = run_shards(table.index[keep], cfg.shard_size,
-                              lambda keys: generate_shard(table, keys, engine(), cfg, seed), shards, "generate")
+    try:
+        rows, totals = run_shards(table.index[keep], cfg.shard_size,
+                                  lambda keys: generate_shard(table, keys, engine(), cfg, seed), shards, "generate")
+    finally:
+        engine.close()
     for name in (*TRIPLET_FIELDS, "retries"):
         table[name] = None
     if rows is not None:

@@ -3,7 +3,8 @@
 - ``loglikelihoods(prefixes, texts)``: the log-likelihood of each text after each prefix (scoring);
 - ``generate_json(chats, schema, ...)``: chat completions constrained to a JSON schema (triplets).
 
-``vllm``: the offline ``vllm.LLM`` engine (structured outputs). ``openai``: any OpenAI-compatible endpoint through
+``vllm``: the offline ``vllm.LLM`` engine (structured outputs). ``serve``: a ``vllm serve`` the stage starts and
+stops, through the ``openai`` backend (vLLM's data-parallel mode: ``annotate.engine.data_parallel_size``). ``openai``: any OpenAI-compatible endpoint through
 the ``openai`` client (``vllm serve``, or a hosted API): JSON-schema ``response_format`` for generation, and
 completions with ``echo`` + ``logprobs`` for scoring; the key comes from the environment variable named in params,
 never from params. ``transformers``: batched ``generate`` with xgrammar's logits processor for the schema.
@@ -24,7 +25,7 @@ from politune.schema import OpenAI as OpenAIParams
 from politune.schema import Transformers as TransformersParams
 
 log = logging.getLogger("politune.backends")
-BACKENDS = ("vllm", "openai", "transformers")
+BACKENDS = ("vllm", "serve", "openai", "transformers")
 
 
 class Backend:
@@ -131,6 +132,30 @@ class OpenAIBackend(Backend):
         return [text for text, _ in results]
 
 
+class ServedBackend(OpenAIBackend):
+    """``annotate.backend: serve``: the stage starts ``vllm serve`` of the annotator with ``annotate.engine`` as its
+    flags and talks to it as to any endpoint (``annotate.openai``'s client settings; the base URL is the server's).
+    This is the data-parallel route: ``data_parallel_size: N`` runs N engine cores behind one endpoint, vLLM's
+    coordinator balancing the requests between them (across nodes with ``data_parallel_size_local``,
+    ``data_parallel_address`` and ``data_parallel_rpc_port``; docs/paper-scale.md). ``close`` stops the server."""
+
+    def __init__(self, model_dir: str, cfg: Annotate, seed: int, log_path: str | None = None) -> None:
+        import contextlib
+
+        from politune.serve import serving
+
+        self._server = contextlib.ExitStack()
+        url = self._server.enter_context(serving(model_dir, cfg.engine, seed, log_path=log_path))
+        try:
+            super().__init__(cfg.openai.model_copy(update={"base_url": url}), model_dir)
+        except BaseException:
+            self._server.close()
+            raise
+
+    def close(self) -> None:
+        self._server.close()
+
+
 class TransformersBackend(Backend):
     """Batched ``generate`` on CPU or GPU, for machines with neither vLLM nor an endpoint."""
 
@@ -194,6 +219,8 @@ def make_backend(cfg: Annotate, model_dir: str, seed: int) -> Backend:
     name = cfg.backend
     if name == "vllm":
         return VLLMBackend(model_dir, cfg.engine, seed)
+    if name == "serve":
+        return ServedBackend(model_dir, cfg, seed)
     if name == "openai":
         return OpenAIBackend(cfg.openai, model_dir)
     if name == "transformers":

@@ -115,8 +115,8 @@ class Prompts(_Strict):
 class Annotator(_Strict):
     """The annotator's engine, shared by the ``score`` and ``generate`` stages (``annotate.backend`` etc.)."""
 
-    backend: Literal["vllm", "openai", "transformers"]
-    engine: dict[str, Any]  # passed to vllm.LLM as it is
+    backend: Literal["vllm", "serve", "openai", "transformers"]
+    engine: dict[str, Any]  # passed to vllm.LLM as it is (backend serve: to `vllm serve` as flags)
     openai: OpenAI
     transformers: Transformers
     viewpoints: dict[str, str] = Field(min_length=1)

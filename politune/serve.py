@@ -127,11 +127,13 @@ def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | 
 
 
 @contextlib.contextmanager
-def serving(model: str | Path, engine: dict[str, Any], seed: int, startup_timeout: float = 300.0) -> Iterator[str]:
-    """Context manager: a local ``vllm serve`` of ``model``; yields its base URL and always stops it."""
+def serving(model: str | Path, engine: dict[str, Any], seed: int, startup_timeout: float = 300.0,
+            log_path: str | Path | None = None) -> Iterator[str]:
+    """Context manager: a local ``vllm serve`` of ``model``; yields its base URL and always stops it. The server's
+    log goes to ``log_path`` (default: a temporary file, shown in the error if the server fails to start)."""
     with tempfile.TemporaryDirectory(prefix="politune-serve-") as tmp:
         started = time.monotonic()
-        url, proc = start(model, engine, seed, Path(tmp) / "serve.log", startup_timeout)
+        url, proc = start(model, engine, seed, log_path or Path(tmp) / "serve.log", startup_timeout)
         log.info("vllm serve %s ready at %s after %.0f s", model, url, time.monotonic() - started)
         try:
             yield url

@@ -296,7 +296,7 @@ def needs_pipeline(item) -> bool:
 
 # `make test` runs two pytest processes side by side, one per core (marker `lane2`, selected with -m): lane 2 holds the
 # tiny pipeline's `dvc repro`, the tests on it and, to balance the two, these modules; lane 1 everything else.
-LANE_TWO = {"test_pipeline_e2e.py", "test_team.py", "test_demo.py", "test_resume.py"}
+LANE_TWO = {"test_pipeline_e2e.py", "test_team.py", "test_demo.py", "test_resume.py", "test_annotate_resume.py"}
 
 
 def pytest_itemcollected(item):

@@ -20,7 +20,7 @@ def test_shipped_params_are_valid():
     (("ideology",), "centre", "ideology: 'centre' is not one of annotate.viewpoints ("),
     (("lora", "r"), -4, "lora.r: Input should be greater than 0 (got -4)"),
     (("annotate", "threshold"), 1.5, "annotate.threshold: Input should be less than or equal to 1 (got 1.5)"),
-    (("annotate", "backend"), "ollama", "annotate.backend: Input should be 'vllm', 'openai' or 'transformers'"),
+    (("annotate", "backend"), "ollama", "annotate.backend: Input should be 'vllm', 'serve', 'openai' or 'transformers'"),
     (("annotate", "thresold"), 0.5, "annotate.thresold: Extra inputs are not permitted"),
     (("ingest", "on_bad_row"), "ignore", "ingest.on_bad_row: Input should be 'skip' or 'fail'"),
     (("datasets", "test_size"), 1.0, "datasets.test_size: Input should be less than 1"),
