@@ -156,7 +156,7 @@ def main(argv=None) -> None:
                              "params), reusing the earlier stages' outputs; refused when their params changed")
     args = parser.parse_args(argv)
     if args.data == "annotated":
-        raise InputError("--data annotated needs the annotate stage: run `make demo` where DVC is installed")
+        raise InputError("--data annotated needs the score and generate stages: run `make demo` where DVC is installed")
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     exps = experiments(args.prefix, args.data, recipes, ablation=args.ablation)
     exps = {n: settings(f, args.set, steps=args.steps)[1::2] for n, f in exps.items()}

@@ -1,6 +1,6 @@
 """Stage ``build_datasets``: SFT (instruction -> chosen) and DPO (prompt, chosen, rejected) datasets.
 
-The pairs come from ``datasets.source``: ``annotated`` (the kept rows of the annotate stage) or an existing
+The pairs come from ``datasets.source``: ``annotated`` (the kept rows of the generate stage) or an existing
 preference dataset (bring your own): a JSONL/JSON/Parquet/CSV file or a ``datasets`` directory under
 ``data/external/`` with ``prompt``, ``chosen``, ``rejected`` (strings, as in the PoliTune authors' released sets, or
 chat messages; a missing ``prompt`` is extracted from conversations with TRL's ``maybe_extract_prompt``), or a hub id

@@ -8,7 +8,7 @@ SECTIONS = ("ideology", "base", "datasets")
 
 def main(argv=None) -> None:
     parser = stage_parser(build_datasets.__doc__.splitlines()[0])
-    parser.add_argument("--annotated", required=True, help="annotate stage output (source 'annotated')")
+    parser.add_argument("--annotated", required=True, help="the generate stage's output (source 'annotated')")
     parser.add_argument("--external", required=True, help="folder of user-provided preference datasets")
     parser.add_argument("--sft-out", required=True)
     parser.add_argument("--dpo-out", required=True)

@@ -134,7 +134,7 @@ SERVE_ENGINE = {"dtype": "auto", "max_model_len": 2048, "enforce_eager": True, "
 
 @pytest.fixture(scope="session")
 def engine(smollm2_dir):
-    """One offline vLLM engine of SmolLM2 for the session, as the annotate stage starts it (the default params)."""
+    """One offline vLLM engine of SmolLM2 for the session, as the score and generate stages start it (the default params)."""
     from politune.backends import VLLMBackend
 
     backend = VLLMBackend(str(smollm2_dir), section("annotate").engine, seed=PARAMS["base"]["seed"])

@@ -104,7 +104,7 @@ def test_vllm_annotation_real_engine(engine):
 
 @pytest.mark.slow
 def test_another_process_reproduces_the_stage_annotation(engine, pipeline, tmp_path):
-    """Deterministic outputs for DVC: the tiny pipeline's annotate stage (its own process and engine, in `dvc repro`)
+    """Deterministic outputs for DVC: the tiny pipeline's score and generate stages (their own processes and engines, in `dvc repro`)
     and this module's engine give the same table, byte for byte once written, from the same posts and params (greedy
     first attempts, seeded retries), and the same model (SmolLM2; the stage's copy comes from prepare_models)."""
     root = pipeline.root

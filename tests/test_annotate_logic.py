@@ -1,4 +1,4 @@
-"""The annotate stage's selection logic with a scripted backend: threshold, max_kept, retries, invalid accounting and
+"""The generate stage's selection logic with a scripted backend: threshold, max_kept, retries, invalid accounting and
 the opposite viewpoint (annotate.mirror), at many values. The engines themselves are tested for real in
 test_backends.py and the e2e test; this backend only replays scripted scores and replies."""
 

@@ -123,6 +123,27 @@ def test_a_param_reruns_exactly_the_stages_that_declare_it(pipeline, key, value,
         run(["git", "checkout", "-q", "--", "params.yaml"], root, env)
 
 
+def test_a_new_threshold_regenerates_from_the_same_scores(pipeline):
+    """`dvc exp run -S annotate.threshold=...` reruns generate (and, for its new output, what follows; here up to
+    generate), never score: the scores do not depend on the threshold. The score plot's count at that threshold is
+    the posts generate selected for the ideology."""
+    import pandas as pd
+
+    root, env = pipeline.root, pipeline.env
+    scores = (root / "data" / "scores.parquet").read_bytes()
+    out = run(["dvc", "exp", "run", "-n", "threshold", "-S", "annotate.threshold=0.3", "generate"], root, env)
+    assert ran(out) == {"generate"}, out[-3000:]
+    assert (root / "data" / "scores.parquet").read_bytes() == scores
+    table = pd.read_parquet(root / "data" / "annotated.parquet")
+    plot = json.loads((root / "reports" / "annotation_scores.json").read_text(encoding="utf-8"))
+    at = next(r for r in plot if abs(r["threshold"] - 0.3) < 1e-9)
+    assert at["right_kept_at_threshold"] == int((table["side"] == "right").sum()) == int((table["score"] >= 0.3).sum())
+    run(["dvc", "exp", "remove", "threshold"], root, env)  # the team tests list this baseline's experiments
+    run(["git", "checkout", "-q", "--", "."], root, env)
+    run(["dvc", "checkout", "-q"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env)
+
+
 def test_bring_your_own_preference_data(pipeline):
     """An experiment on the PoliTune authors' sample instead of the annotation: annotate does not run, the datasets
     are rebuilt from the sample and SFT trains on them."""
