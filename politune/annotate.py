@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -44,6 +45,9 @@ from politune.shards import Shards, run_shards
 log = logging.getLogger("politune.annotate")
 
 TRIPLET_FIELDS = ("instruction", "chosen", "rejected")
+# The code that computes a shard: part of the shards' fingerprint, so that a killed run's shards are not resumed
+# by changed code either.
+CODE = tuple(Path(__file__).with_name(name) for name in ("annotate.py", "backends.py", "shards.py"))
 SCORE_RANGE = (0, 10)
 
 
@@ -310,6 +314,8 @@ def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: S
             raise InputError(f"the scores have no column score_{name}: score the viewpoint {name!r} "
                              "(annotate.viewpoints) before generating for it")
     table["score"] = table[f"score_{ideology}"]
+    if f"reason_{ideology}" in table:  # json ratings: the reason given with the ideology's
+        table["reason"] = table[f"reason_{ideology}"]
     score_invalid = table["score"].isna().to_numpy()
     keep = select(table, "score", cfg, ~score_invalid)
     table["side"] = np.where(keep, ideology, None)
@@ -425,7 +431,7 @@ def run_score(params: Params, params_file: str, paths: argparse.Namespace) -> No
     posts = pd.read_parquet(paths.posts)
     if cfg.max_posts:
         posts = posts.head(cfg.max_posts)
-    shards = Shards(paths.work, fingerprint(params, paths.posts, paths.model))
+    shards = Shards(paths.work, fingerprint(params, paths.posts, paths.model, *CODE))
     with stage_run("score", params, params_file) as mlflow:
         table, report = score(posts, lambda: make_backend(cfg, paths.model, seed), cfg, seed, shards)
         report["backend"] = cfg.backend
@@ -447,7 +453,7 @@ def run_generate(params: Params, params_file: str, paths: argparse.Namespace) ->
     ideology, cfg, seed = params.ideology, params.annotate, params.base.seed
     seed_everything(seed)
     scored = pd.read_parquet(paths.scores)
-    shards = Shards(paths.work, fingerprint(params, paths.scores, paths.model))
+    shards = Shards(paths.work, fingerprint(params, paths.scores, paths.model, *CODE))
     with stage_run("generate", params, params_file) as mlflow:
         table, report = generate(scored, lambda: make_backend(cfg, paths.model, seed), ideology, cfg, seed, shards)
         report["backend"] = cfg.backend

@@ -104,7 +104,8 @@ def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | 
     """Start a server on a free loopback port and wait until ``/health`` answers; return (base_url, process)."""
     port = free_port()
     log_path = Path(log_path)
-    env = dict(os.environ, **engine_options(engine)[0])
+    # unbuffered: vLLM logs to stdout, and a server stopped by a signal would lose the log's buffered tail
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_options(engine)[0])
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(server_command(model, port, engine, seed), stdout=fh, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)

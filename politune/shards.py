@@ -67,18 +67,20 @@ def run_shards(keys: Sequence, size: int, compute: Callable, shards: Shards | No
                      shards.directory)
         bar = tqdm(total=len(keys), initial=sum(len(chunks[k]) for k in finished), unit="post", desc=desc,
                    file=sys.stderr, mininterval=1.0)
-    for k, chunk in enumerate(chunks):
-        if shards is None:
-            frame, stats = compute(chunk)
-        else:
-            if not shards.done(k):
+    try:
+        for k, chunk in enumerate(chunks):
+            if shards is None:
                 frame, stats = compute(chunk)
-                shards.save(k, frame, stats)
-                bar.update(len(chunk))
-            frame, stats = shards.load(k)
-        frames.append(frame)
-        for name, value in stats.items():
-            totals[name] = totals.get(name, 0) + value
-    if bar is not None:
-        bar.close()
+            else:
+                if not shards.done(k):
+                    frame, stats = compute(chunk)
+                    shards.save(k, frame, stats)
+                    bar.update(len(chunk))
+                frame, stats = shards.load(k)
+            frames.append(frame)
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + value
+    finally:  # the bar's last line before any error message
+        if bar is not None:
+            bar.close()
     return (pd.concat(frames) if frames else None), totals

@@ -3,6 +3,9 @@
 one endpoint, its coordinator balancing the requests), and the score stage's shards go through it. For real on this
 CPU."""
 
+import re
+import urllib.request
+
 import numpy as np
 import pytest
 
@@ -20,10 +23,24 @@ def test_scores_through_vllm_data_parallel_serve(tmp_path, smollm2_dir):
                   openai={**section("annotate").openai.model_dump(), "batch_size": 3, "concurrency": 4})
     posts = annotation_posts()
     log = tmp_path / "serve.log"
-    table, report = score(posts, lambda: ServedBackend(str(smollm2_dir), cfg, 0, log_path=log), cfg, 0)
-    served = log.read_text(errors="replace")
-    assert "EngineCore_DP0" in served and "EngineCore_DP1" in served, "two data-parallel engine cores"
-    assert served.count("POST /v1/completions") == 6  # 2 shards x 9 prompts in batches of 3, every one answered
+    served = ServedBackend(str(smollm2_dir), cfg, 0, log_path=log)
+    try:
+        table, report = score(posts, served, cfg, 0)
+        root = str(served.client.base_url).rstrip("/").removesuffix("/v1")
+        with urllib.request.urlopen(f"{root}/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+    finally:
+        served.close()
+    # vLLM's own per-engine counters (Prometheus): both engine cores answered prompts
+    done = {}
+    for line in metrics.splitlines():
+        match = re.match(r'vllm:request_success_total\{(.*)\} ([0-9.e+]+)$', line)
+        if match:
+            engine_label = re.search(r'engine="(\d+)"', match.group(1)).group(1)
+            done[engine_label] = done.get(engine_label, 0) + float(match.group(2))
+    assert set(done) == {"0", "1"} and all(n > 0 for n in done.values()), done
+    assert sum(done.values()) == 3 * len(posts)  # every prompt: a post after each of the 3 viewpoint prefixes
+    assert "EngineCore_DP1" in log.read_text(errors="replace")
     assert report["posts"] == len(posts) and report["shards"] == 2
     # The same posts through the transformers backend: the same likeliest viewpoint for every post. (The openai
     # backend scores the text by the endpoint's character offsets on the joint tokenization, the local backends on

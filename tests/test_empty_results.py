@@ -38,9 +38,15 @@ def test_annotation_keeping_nothing_fails(tmp_path, tiny_model_dir):
     params = {"ideology": "right", "base": PARAMS["base"],
               "annotate": dict(PARAMS["annotate"], backend="transformers", threshold=1.0)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    proc = run_stage("stages.annotate", ["--posts", "posts.parquet", "--model", str(tiny_model_dir), "--out",
-                                         "annotated.parquet", "--report", "a.json", "--sample", "s.md"], tmp_path)
+    proc = run_stage("stages.score", ["--posts", "posts.parquet", "--model", str(tiny_model_dir), "--out",
+                                      "scores.parquet", "--report", "scores.json", "--plot", "plot.json",
+                                      "--work", "work/score"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_stage("stages.generate", ["--scores", "scores.parquet", "--model", str(tiny_model_dir), "--out",
+                                         "annotated.parquet", "--report", "a.json", "--sample", "s.md",
+                                         "--work", "work/generate"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "annotation kept no post" in last and "lower annotate.threshold" in last
     assert not any((tmp_path / p).exists() for p in ("annotated.parquet", "a.json", "s.md"))
+    assert (tmp_path / "scores.parquet").exists(), "the scores already made are kept"
