@@ -22,8 +22,7 @@ def test_scores_through_vllm_data_parallel_serve(tmp_path, smollm2_dir):
     cfg = section("annotate", backend="serve", engine=engine, shard_size=3,
                   openai={**section("annotate").openai.model_dump(), "batch_size": 3, "concurrency": 4})
     posts = annotation_posts()
-    log = tmp_path / "serve.log"
-    served = ServedBackend(str(smollm2_dir), cfg, 0, log_path=log)
+    served = ServedBackend(str(smollm2_dir), cfg, 0, log_path=tmp_path / "serve.log")
     try:
         table, report = score(posts, served, cfg, 0)
         root = str(served.client.base_url).rstrip("/").removesuffix("/v1")
@@ -40,7 +39,6 @@ def test_scores_through_vllm_data_parallel_serve(tmp_path, smollm2_dir):
             done[engine_label] = done.get(engine_label, 0) + float(match.group(2))
     assert set(done) == {"0", "1"} and all(n > 0 for n in done.values()), done
     assert sum(done.values()) == 3 * len(posts)  # every prompt: a post after each of the 3 viewpoint prefixes
-    assert "EngineCore_DP1" in log.read_text(errors="replace")
     assert report["posts"] == len(posts) and report["shards"] == 2
     # The same posts through the transformers backend: the same likeliest viewpoint for every post. (The openai
     # backend scores the text by the endpoint's character offsets on the joint tokenization, the local backends on
