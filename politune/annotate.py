@@ -412,12 +412,11 @@ def sample_markdown(table, n: int) -> str:
 def score_plot(table, viewpoints, bins: int = 20) -> list[dict[str, Any]]:
     """The scores as one DVC plot: per bin edge (``threshold``), ``<viewpoint>_posts`` and
     ``<viewpoint>_kept_at_threshold`` for each viewpoint (``score_distribution``)."""
-    rows = [{"threshold": edge} for edge in np.round(np.arange(bins) / bins, 6).tolist()]
-    for name in viewpoints:
-        for row, entry in zip(rows, score_distribution(table[f"score_{name}"], bins)):
-            row[f"{name}_posts"] = entry["posts"]
-            row[f"{name}_kept_at_threshold"] = entry["kept_at_threshold"]
-    return rows
+    series = {name: score_distribution(table[f"score_{name}"], bins) for name in viewpoints}
+    return [{"threshold": entries[0]["threshold"],
+             **{f"{name}_{key}": entry[key] for name, entry in zip(series, entries)
+                for key in ("posts", "kept_at_threshold")}}
+            for entries in zip(*series.values())]
 
 
 def run_score(params: Params, params_file: str, paths: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ class Shards:
 
     def __init__(self, directory: str | Path, run_id: str) -> None:
         self.directory = Path(directory)
-        self.resumed = run_folder(self.directory, run_id)
+        run_folder(self.directory, run_id)
 
     def _path(self, k: int, suffix: str) -> Path:
         return self.directory / f"shard-{k:06d}{suffix}"
