@@ -5,7 +5,7 @@ to ``reports/bench.md``).
    and 2 million comments;
 1. annotation throughput (``bench.annotation``): vLLM vs transformers (batch 1 and the batched size), same posts,
    prompts, max tokens, greedy;
-   then the vLLM CPU thread settings (``SETTINGS``) on generation;
+   then the vLLM CPU settings (``SETTINGS``: threads, batch, the grammar's mask engine) on generation;
 2. DPO step time (``bench.dpo``): TRL defaults in fp32 vs the optimised configuration, at the default run's steps;
 3. the ``evaluate`` stage by part (``bench.evaluate``): load, the compass, the side preference;
 4. the pipeline: ``dvc repro`` with nothing changed; ``dvc exp run -S evaluate.bootstrap=...`` (which must run only
@@ -83,6 +83,8 @@ SETTINGS = {
     "bind_both_cores": {"omp_num_threads": None, "cpu_omp_threads_bind": "0-1", "cpu_reserved_cpus": 0},
     "omp_2_max_num_seqs_64": {"omp_num_threads": 2, "cpu_omp_threads_bind": None, "cpu_reserved_cpus": None,
                               "max_num_seqs": 64},
+    # The grammar's mask engine: vLLM's default (params.yaml sets guidance).
+    "grammar_xgrammar": {"structured_outputs_config": {"backend": "xgrammar"}},
 }
 
 

@@ -9,6 +9,7 @@ a bare flag), so a GPU setup (``tensor_parallel_size``...) is a params change.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -67,8 +68,9 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
 def engine_args(engine: dict[str, Any]) -> list[str]:
     """``{max_model_len: 2048, enforce_eager: true, enable_chunked_prefill: false}`` -> ``--max-model-len 2048
     --enforce-eager --no-enable-chunked-prefill`` (vLLM's boolean config flags all have a ``--no-`` form); a list
-    gives the flag its values (``lora_modules: [a=x, b=y]`` -> ``--lora-modules a=x b=y``); null is left out
-    (vLLM's default)."""
+    gives the flag its values (``lora_modules: [a=x, b=y]`` -> ``--lora-modules a=x b=y``), a mapping its JSON
+    (``structured_outputs_config: {backend: guidance}`` -> ``--structured-outputs-config '{"backend": "guidance"}'``);
+    null is left out (vLLM's default)."""
     args: list[str] = []
     for key, value in engine_options(engine)[1].items():
         if value is None:
@@ -76,6 +78,8 @@ def engine_args(engine: dict[str, Any]) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list | tuple):
             args += [flag, *map(str, value)]
+        elif isinstance(value, dict):  # a config of its own (structured_outputs_config): JSON, as vLLM's CLI reads it
+            args += [flag, json.dumps(value)]
         else:
             args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
     return args

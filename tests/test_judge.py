@@ -19,6 +19,8 @@ def test_engine_args_become_server_flags():
         "--max-model-len", "2048", "--enforce-eager", "--no-enable-chunked-prefill", "--tensor-parallel-size", "4"]
     assert engine_args({"lora_modules": ["sft=models/sft", "dpo=models/dpo"], "max_lora_rank": 16}) == [
         "--lora-modules", "sft=models/sft", "dpo=models/dpo", "--max-lora-rank", "16"]
+    assert engine_args({"structured_outputs_config": {"backend": "guidance"}}) == [
+        "--structured-outputs-config", '{"backend": "guidance"}']
 
 
 def test_one_mapping_of_engine_options_for_both_engines(monkeypatch):
