@@ -42,7 +42,7 @@ def test_profile_maps_onto_trainer_configs(profile_params):
     assert lora.r == 16 and "down_proj" in lora.target_modules
     # bf16 needs a GPU to build a TrainingArguments; the field itself is checked, then built without it here.
     for cls, section in ((SFTConfig, "sft"), (DPOConfig, "dpo")):
-        assert params[section]["bf16"] is True
+        assert params[section]["bf16"] is True and params[section]["use_cpu"] is False
         config = strict_config(cls, section, dict(params[section], bf16=False), output_dir=str(tmp_path), seed=0)
         assert config.gradient_checkpointing and config.per_device_train_batch_size >= 1
     assert strict_config(DPOConfig, "dpo", dict(params["dpo"], bf16=False), output_dir="x").beta == 0.1
