@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 from politune.common import ParamsError, atomic_path, write_json
@@ -96,10 +97,16 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
 
     template = read_chat_template(models.target_chat_template) if models.target_chat_template else None
     with stage_run("prepare_models", params, params_file) as mlflow:
-        report = {
-            "annotator": materialise(models.annotator, paths.annotator_out, role="annotator"),
-            "target": materialise(models.target, paths.target_out, template, role="target"),
-        }
+        report = {"annotator": materialise(models.annotator, paths.annotator_out, role="annotator")}
+        if models.target == models.annotator and template is None:
+            # The same model (the embedded default): a copy of the annotator's directory, the bytes materialise
+            # would write again, without loading and dequantising it twice.
+            log.info("target: the annotator's model, copied")
+            with atomic_path(paths.target_out) as tmp:
+                shutil.copytree(paths.annotator_out, tmp)
+            report["target"] = dict(report["annotator"])
+        else:
+            report["target"] = materialise(models.target, paths.target_out, template, role="target")
         report["target"]["chat_template"] = models.target_chat_template or "the model's own"
         write_json(paths.report, report)
         log_metrics(mlflow, {"annotator_parameters": report["annotator"]["parameters"],

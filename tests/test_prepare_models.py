@@ -58,3 +58,14 @@ def test_an_unreadable_template_names_the_file(tmp_path):
     (tmp_path / "plain.txt").write_text("Hello {{ name }}", encoding="utf-8")
     with pytest.raises(ParamsError, match="not a chat template"):
         read_chat_template(tmp_path / "plain.txt")
+
+
+def test_materialising_a_model_twice_writes_the_same_bytes(tiny_model_dir, tmp_path):
+    """Why the stage copies the annotator's directory when the target is the same model: materialising it again
+    would write exactly these bytes."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert materialise(str(tiny_model_dir), first) == materialise(str(tiny_model_dir), second, role="target")
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert names and names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
