@@ -153,7 +153,8 @@ def vllm_server(smollm2_dir):
 
     cfg = section("judge", startup_timeout=300, endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
     assert cfg.serve == SERVE_ENGINE, "the tests' server options are the judge's defaults"
-    with endpoint(cfg, smollm2_dir, seed=0) as (url, name):
+    with endpoint(cfg, smollm2_dir, seed=0) as (ready, name):
+        url = ready()
         yield url, name
     with pytest.raises(OSError):  # stopped with the stage's context
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
