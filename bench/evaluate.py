@@ -8,6 +8,12 @@ adapters; ``compass``: every model's forced-choice answers, the reversed twins a
 ``side_preference``: the held-out pairs), and whether the answers and metrics are byte-identical to the pipeline's
 own (``reports/compass_answers.csv``, ``reports/metrics.json``), which they must be on the machine that produced them.
 Needs the default pipeline's outputs (``make repro``).
+
+It also gives the compass part's floor on this machine: the matrix products the forced choice cannot avoid (every
+prompt's tokens after the shared chat prefix through every weight matrix of the model and its adapter, and one
+vocabulary projection per prompt; attention and everything else left out), counted for the models the stage
+evaluates, divided by the rate this machine's ``torch.mm`` reaches in fp32 and in bf16 on a matrix of the model's
+shape. The fp32 floor is what any implementation with the same fp32 answers needs at least.
 """
 
 from __future__ import annotations
@@ -24,6 +30,70 @@ from pathlib import Path
 
 from demo.sweep import stage_commands
 from politune.common import read_yaml
+
+
+def gemm_gflops(dtype, rows: int, inner: int, outer: int, seconds: float = 2.0) -> float:
+    """GFLOP/s of ``torch.mm`` on this machine (torch's own threads) for a (rows x inner) @ (inner x outer) product."""
+    import torch
+
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        done += 1
+    return 2 * rows * inner * outer * done / (time.perf_counter() - t0) / 1e9
+
+
+def compass_floor(params_file: str, model_dir: str = "models/target", adapter: str = "models/dpo",
+                  trajectory: str = "models/dpo_trajectory") -> dict:
+    """The compass part's matrix-product work for the stage's models and prompts, and its floor in seconds at this
+    machine's fp32 and bf16 ``torch.mm`` rates."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from politune.common import load_params
+    from politune.compass import load_compass, load_twins
+    from politune.evaluate import trajectory_dirs
+    from politune.inference import chat_texts, load_tokenizer
+
+    cfg = load_params(params_file, ["evaluate"]).evaluate
+    compass = load_compass("data/compass/political_compass.json")
+    statements = [compass.statements]
+    if cfg.balanced:
+        statements.append(load_twins("data/compass/reversed.json", compass).statements)
+    tokenizer = load_tokenizer(model_dir)
+
+    def unshared_tokens(items):  # as politune.inference.option_logprobs runs them: after the shared prefix
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in chat_texts(tokenizer, [t.format(statement=s) for t in cfg.templates for s in items])]
+        shared = 0
+        while shared < min(map(len, ids)) - 1 and all(x[shared] == ids[0][shared] for x in ids):
+            shared += 1
+        return sum(len(x) - shared for x in ids), len(ids)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
+        weights += sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    final = (Path(adapter) / "adapter_model.safetensors").read_bytes()
+    snapshots = [p for p in trajectory_dirs(trajectory).values()  # the stage skips the one that is the final adapter
+                 if (p / "adapter_model.safetensors").read_bytes() != final] if cfg.trajectory else []
+    originals = unshared_tokens(statements[0])
+    everything = [unshared_tokens(items) for items in statements]
+    tokens = 3 * sum(t for t, _ in everything) + len(snapshots) * originals[0]
+    prompts = 3 * sum(n for _, n in everything) + len(snapshots) * originals[1]
+    flop = 2 * weights * tokens + 2 * head.weight.numel() * prompts
+    hidden = model.config.hidden_size
+    rates = {name: gemm_gflops(dtype, 1024, hidden, 4 * hidden) for name, dtype in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return {"compass_models": 3 + len(snapshots), "compass_prompts": prompts, "compass_tokens": tokens,
+            "compass_tflop": round(flop / 1e12, 2),
+            **{f"gemm_gflops_{k}": round(v, 1) for k, v in rates.items()},
+            **{f"compass_floor_seconds_{k}": round(flop / (v * 1e9), 1) for k, v in rates.items()}}
 
 
 def main() -> None:
@@ -51,7 +121,7 @@ def main() -> None:
     same = {name: (work / "reports" / name).read_bytes() == Path("reports", name).read_bytes()
             for name in ("compass_answers.csv", "metrics.json")}
     result = {"seconds": round(wall, 1), **{f"{part}_seconds": v for part, v in parts.items()},
-              "same_as_pipeline": same}
+              "same_as_pipeline": same, **compass_floor(args.params)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)

@@ -232,7 +232,8 @@ def main() -> None:
                         help="annotation: time scoring as well as generation (the figures compare generation)")
     parser.add_argument("--ingest-n", type=int, nargs="+", default=[200_000, 2_000_000],
                         help="sizes of the generated corpus ingested (bench.ingest)")
-    parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "optimised"])
+    parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "bf16_precompute",
+                                                                "optimised"])
     parser.add_argument("--dpo-steps", type=int, help="DPO steps (default: the default run's dpo.max_steps)")
     parser.add_argument("--exp-set", default="evaluate.bootstrap=999",
                         help="the `dvc exp run -S` timed ('': skip)")
