@@ -207,17 +207,15 @@ def write_table(path: str | Path, rows: list[dict[str, Any]], panel: list[str] =
 
 @contextlib.contextmanager
 def endpoint(cfg: JudgeParams, judge_model: str | Path, seed: int):
-    """Yield (ready, model name): the configured endpoint, or a local ``vllm serve`` for the stage's duration, started
-    at once; ``ready()`` returns the base URL, waiting until the local server answers, so the caller works while it
-    starts."""
+    """Yield (base_url, model name): the configured endpoint, or a local ``vllm serve`` for the stage's duration."""
     ep = cfg.endpoint
     if ep.base_url:
-        yield (lambda: ep.base_url), ep.model or str(judge_model)
+        yield ep.base_url, ep.model or str(judge_model)
         return
-    from politune.serve import launching
+    from politune.serve import serving
 
-    with launching(judge_model, cfg.serve, seed, cfg.startup_timeout) as ready:
-        yield ready, str(judge_model)
+    with serving(judge_model, cfg.serve, seed, cfg.startup_timeout) as url:
+        yield url, str(judge_model)
 
 
 ANNOTATOR_WARNING = ("the judge is the annotator, the model that wrote the training data (self-preference bias); "
@@ -253,18 +251,16 @@ def score_rows(rows: list[dict[str, Any]], cfg: JudgeParams, url: str, name: str
 
 
 def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
-    """Answer the prompts with each model while the judge's endpoint starts (a local server's start overlaps the
-    answering), then score every answer; return (rows, summary, seconds: the wall time of answering, of waiting for
-    the endpoint after that, and of scoring)."""
-    with endpoint(cfg, judge_model, seed) as (ready, name):
-        t0 = time.perf_counter()
-        rows = answer_prompts(model_dir, adapters, cfg, seed)
-        t1 = time.perf_counter()
-        url = ready()
+    """Answer the prompts with each model, then score every answer; return (rows, summary, seconds: the wall time
+    of answering, of the endpoint's start (a local server's) and of scoring)."""
+    t0 = time.perf_counter()
+    rows = answer_prompts(model_dir, adapters, cfg, seed)
+    t1 = time.perf_counter()
+    with endpoint(cfg, judge_model, seed) as (url, name):
         t2 = time.perf_counter()
         summary = score_rows(rows, cfg, url, name, seed)
         t3 = time.perf_counter()
-    return rows, summary, {"answer": round(t1 - t0, 1), "endpoint_wait": round(t2 - t1, 1),
+    return rows, summary, {"answer": round(t1 - t0, 1), "endpoint_start": round(t2 - t1, 1),
                            "score": round(t3 - t2, 1)}
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +103,17 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def launch(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | Path) -> tuple[int, subprocess.Popen]:
-    """Start a server on a free loopback port, its log to ``log_path``; return (port, process) without waiting."""
+def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | Path,
+          startup_timeout: float = 300.0) -> tuple[str, subprocess.Popen]:
+    """Start a server on a free loopback port and wait until ``/health`` answers; return (base_url, process)."""
     port = free_port()
+    log_path = Path(log_path)
     # unbuffered: vLLM logs to stdout, and a server stopped by a signal would lose the log's buffered tail
     env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_options(engine)[0])
-    with Path(log_path).open("wb") as fh:
+    with log_path.open("wb") as fh:
         proc = subprocess.Popen(server_command(model, port, engine, seed), stdout=fh, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
-    return port, proc
-
-
-def wait_ready(model: str | Path, port: int, proc: subprocess.Popen, log_path: str | Path, deadline: float) -> str:
-    """Wait until the server's ``/health`` answers (by ``deadline``, a ``time.monotonic()``); return its base URL.
-    A server that exits or is not ready in time is stopped and reported with its log's tail."""
-    log_path = Path(log_path)
+    deadline = time.monotonic() + startup_timeout
     while True:
         if proc.poll() is not None:
             raise EndpointError(f"vllm serve {model} exited with {proc.returncode} before it was ready; "
@@ -125,52 +121,26 @@ def wait_ready(model: str | Path, port: int, proc: subprocess.Popen, log_path: s
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
                 if resp.status == 200:
-                    return f"http://127.0.0.1:{port}/v1"
+                    return f"http://127.0.0.1:{port}/v1", proc
         except OSError:
             pass
         if time.monotonic() > deadline:
             stop(proc)
-            raise EndpointError(f"vllm serve {model} was not ready by its start-up timeout; "
+            raise EndpointError(f"vllm serve {model} was not ready after {startup_timeout:.0f} s; "
                                 f"its log:\n{log_path.read_text(errors='replace')[-3000:]}")
         time.sleep(1)
-
-
-def start(model: str | Path, engine: dict[str, Any], seed: int, log_path: str | Path,
-          startup_timeout: float = 300.0) -> tuple[str, subprocess.Popen]:
-    """Start a server on a free loopback port and wait until ``/health`` answers; return (base_url, process)."""
-    deadline = time.monotonic() + startup_timeout
-    port, proc = launch(model, engine, seed, log_path)
-    return wait_ready(model, port, proc, log_path, deadline), proc
-
-
-@contextlib.contextmanager
-def launching(model: str | Path, engine: dict[str, Any], seed: int, startup_timeout: float = 300.0,
-              log_path: str | Path | None = None) -> Iterator[Callable[[], str]]:
-    """Context manager: start a local ``vllm serve`` of ``model`` and yield at once a function that waits until it is
-    ready and returns its base URL, so that the caller works while the server starts; always stops it. The server's
-    log goes to ``log_path`` (default: a temporary file, shown in the error if the server fails to start)."""
-    with tempfile.TemporaryDirectory(prefix="politune-serve-") as tmp:
-        log_path = Path(log_path or Path(tmp) / "serve.log")
-        started = time.monotonic()
-        port, proc = launch(model, engine, seed, log_path)
-        url: list[str] = []
-
-        def ready() -> str:
-            if not url:
-                url.append(wait_ready(model, port, proc, log_path, started + startup_timeout))
-                log.info("vllm serve %s ready at %s after %.0f s", model, url[0], time.monotonic() - started)
-            return url[0]
-
-        try:
-            yield ready
-        finally:
-            stop(proc)
 
 
 @contextlib.contextmanager
 def serving(model: str | Path, engine: dict[str, Any], seed: int, startup_timeout: float = 300.0,
             log_path: str | Path | None = None) -> Iterator[str]:
-    """Context manager: a local ``vllm serve`` of ``model`` (``launching``); yields its base URL once it is ready and
-    always stops it."""
-    with launching(model, engine, seed, startup_timeout, log_path) as ready:
-        yield ready()
+    """Context manager: a local ``vllm serve`` of ``model``; yields its base URL and always stops it. The server's
+    log goes to ``log_path`` (default: a temporary file, shown in the error if the server fails to start)."""
+    with tempfile.TemporaryDirectory(prefix="politune-serve-") as tmp:
+        started = time.monotonic()
+        url, proc = start(model, engine, seed, log_path or Path(tmp) / "serve.log", startup_timeout)
+        log.info("vllm serve %s ready at %s after %.0f s", model, url, time.monotonic() - started)
+        try:
+            yield url
+        finally:
+            stop(proc)

@@ -153,8 +153,7 @@ def vllm_server(smollm2_dir):
 
     cfg = section("judge", startup_timeout=300, endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
     assert cfg.serve == SERVE_ENGINE, "the tests' server options are the judge's defaults"
-    with endpoint(cfg, smollm2_dir, seed=0) as (ready, name):
-        url = ready()
+    with endpoint(cfg, smollm2_dir, seed=0) as (url, name):
         yield url, name
     with pytest.raises(OSError):  # stopped with the stage's context
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
