@@ -11,8 +11,8 @@ The params are ``params.yaml``'s (``base``, ``recipe``, ``lora``, ``dpo``: batch
 ``default`` is fp32 without precomputation (TRL's defaults on CPU), ``optimised`` is ``params.yaml``'s own ``dpo``
 section as the stage resolves it on this machine (``bf16: auto``: bf16 autocast where the CPU has AVX512-BF16 or
 AMX; ``precompute_ref_log_probs: auto``: the frozen reference's log-probabilities computed once only when the run
-sees the average pair more than once); the others force one change each, and ``bf16_precompute`` both. ``--steps`` defaults to the default
-run's ``dpo.max_steps``, so the all-in figure is the default run's.
+sees the average pair more than once); the others force one change each, and ``bf16_precompute`` both.
+``--steps`` defaults to the default run's ``dpo.max_steps``, so the all-in figure is the default run's.
 """
 
 from __future__ import annotations
