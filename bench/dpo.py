@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -99,7 +101,11 @@ def main() -> None:
         cmd = [sys.executable, "-m", "bench.dpo", "--one", name] + [a for k in ("model", "adapter", "data", "params", "work")
                                                                      for a in (f"--{k}", getattr(args, k))]
         cmd += ["--steps", str(args.steps), "--out", args.out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # A datasets cache of its own: TRL caches precomputed reference log-probabilities there, keyed by the data
+        # and the weights, so a configuration would otherwise reuse an earlier run's and time no precomputation.
+        cache = Path(args.work) / name / "hf-datasets"
+        shutil.rmtree(cache, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_DATASETS_CACHE=str(cache)))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
