@@ -56,7 +56,7 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
 
     from politune.common import load_params
     from politune.compass import load_compass, load_twins
-    from politune.evaluate import trajectory_dirs
+    from politune.evaluate import _weights_digest, trajectory_dirs
     from politune.inference import chat_texts, load_tokenizer
 
     cfg = load_params(params_file, ["evaluate"]).evaluate
@@ -79,9 +79,9 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
         weights += sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
-    final = (Path(adapter) / "adapter_model.safetensors").read_bytes()
-    snapshots = [p for p in trajectory_dirs(trajectory).values()  # the stage skips the one that is the final adapter
-                 if (p / "adapter_model.safetensors").read_bytes() != final] if cfg.trajectory else []
+    final = _weights_digest(adapter)  # the stage's own rule: the snapshot that is the final adapter is not asked again
+    snapshots = [p for p in trajectory_dirs(trajectory).values() if _weights_digest(p) != final] \
+        if cfg.trajectory else []
     originals = unshared_tokens(statements[0])
     everything = [unshared_tokens(items) for items in statements]
     tokens = 3 * sum(t for t, _ in everything) + len(snapshots) * originals[0]
