@@ -8,10 +8,13 @@ precomputation spread over the steps), peak RSS, the final training loss and the
 
 The params are ``params.yaml``'s (``base``, ``recipe``, ``lora``, ``dpo``: batch, length, learning rate, beta), with
 ``max_steps`` and no checkpoints; each configuration (``CONFIGS``) overrides only the ``dpo`` keys it names:
-``default`` is fp32 without precomputation (TRL's defaults on CPU), ``optimised`` is ``params.yaml``'s own ``dpo``
-section as the stage resolves it on this machine (``bf16: auto``: bf16 autocast where the CPU has AVX512-BF16 or
-AMX; ``precompute_ref_log_probs: auto``: the frozen reference's log-probabilities computed once only when the run
-sees the average pair more than once); the others force one change each, and ``bf16_precompute`` both.
+``default`` is TRL's defaults on CPU (fp32, no precomputation, gradient checkpointing, the fused LM head over every
+position), ``optimised`` is ``params.yaml``'s own ``dpo`` section as the stage resolves it on this machine (``bf16:
+auto``: bf16 autocast where the CPU has AVX512-BF16 or AMX; ``precompute_ref_log_probs: auto``: the frozen
+reference's log-probabilities computed once only when the run sees the average pair more than once;
+``gradient_checkpointing: false``) with the LM head over the labelled positions only
+(``politune.training.labelled_positions_only``); the others change one thing from the default each, and
+``bf16_precompute`` two.
 ``--steps`` defaults to the default run's ``dpo.max_steps``, so the all-in figure is the default run's.
 """
 
@@ -27,12 +30,17 @@ import sys
 import time
 from pathlib import Path
 
+# TRL's defaults on CPU, and one change from them at a time; "compact_head" is not a DPOConfig field but the
+# stages' ``politune.training.labelled_positions_only`` (on unless a configuration turns it off).
+TRL_DEFAULT = {"bf16": False, "precompute_ref_log_probs": False, "gradient_checkpointing": True, "compact_head": False}
 CONFIGS = {
-    "default": {"bf16": False, "precompute_ref_log_probs": False},
-    "precompute": {"bf16": False, "precompute_ref_log_probs": True},
-    "bf16": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": False},
-    "bf16_precompute": {"use_cpu": True, "bf16": True, "precompute_ref_log_probs": True},
-    "optimised": {},  # params.yaml's dpo section as it is (bf16: auto, precompute_ref_log_probs: auto)
+    "default": TRL_DEFAULT,
+    "precompute": {**TRL_DEFAULT, "precompute_ref_log_probs": True},
+    "bf16": {**TRL_DEFAULT, "use_cpu": True, "bf16": True},
+    "no_checkpointing": {**TRL_DEFAULT, "gradient_checkpointing": False},
+    "compact_head": {**TRL_DEFAULT, "compact_head": True},
+    "bf16_precompute": {**TRL_DEFAULT, "use_cpu": True, "bf16": True, "precompute_ref_log_probs": True},
+    "optimised": {},  # params.yaml's dpo section as it is (bf16: auto, precompute_ref_log_probs: auto, ...)
 }
 SECTIONS = ("base", "launch", "recipe", "lora", "dpo")
 
@@ -52,18 +60,20 @@ def run_one(name: str, args) -> dict:
             self.times.append(time.perf_counter())
 
     params = load_params(args.params, SECTIONS)
-    params.dpo = {**params.dpo, **CONFIGS[name], "max_steps": args.steps, "save_strategy": "no",
-                  "logging_steps": 1}
+    config = dict(CONFIGS[name])
+    compact = config.pop("compact_head", True)
+    params.dpo = {**params.dpo, **config, "max_steps": args.steps, "save_strategy": "no", "logging_steps": 1}
     clock = Clock()
     work = Path(args.work) / name
     t0 = time.perf_counter()
     trainer, _ = dpo.train(args.model, args.adapter, args.data, work / "adapter", params, work / "run",
-                           callbacks=[clock])
+                           callbacks=[clock], compact_head=compact)
     total = time.perf_counter() - t0
     steady = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     evaluation = trainer.evaluate()
-    used = {k: getattr(trainer.args, k) for k in ("bf16", "precompute_ref_log_probs")}
+    used = {k: getattr(trainer.args, k) for k in ("bf16", "precompute_ref_log_probs", "gradient_checkpointing")}
+    used["compact_head"] = compact
     return {"config": CONFIGS[name], "resolved": used, "steps": trainer.state.global_step,
             "seconds_per_step": round(steady, 3), "seconds_per_step_all_in": round(total / args.steps, 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -27,7 +27,15 @@ from typing import Any
 
 from politune.common import atomic_path, seed_everything
 from politune.schema import Params
-from politune.training import CHECKPOINT_DEFAULTS, load_splits, load_target, run_training, save_adapter, strict_config
+from politune.training import (
+    CHECKPOINT_DEFAULTS,
+    labelled_positions_only,
+    load_splits,
+    load_target,
+    run_training,
+    save_adapter,
+    strict_config,
+)
 
 log = logging.getLogger("politune.dpo")
 
@@ -86,9 +94,9 @@ def resolve_precompute(values: dict[str, Any], n_train: int, section: str) -> di
 
 
 def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, resume=False, trajectory_dir=None,
-          callbacks=()):
+          callbacks=(), compact_head=True):
     """Train the preference-tuned adapter with ``recipe.method`` (``callbacks``: more ``TrainerCallback``s, e.g. the
-    benchmark's clock)."""
+    benchmark's clock; ``compact_head``: ``training.labelled_positions_only``, off only to time TRL's default)."""
     from peft import LoraConfig, PeftModel
 
     seed = params.base.seed
@@ -108,8 +116,9 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
                          callbacks=[*callbacks, *([snapshot_callback(Path(work_dir) / "trajectory")]
                                                   if trajectory_dir else [])] or None)
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    eval_metrics = trainer.evaluate() if "test" in splits else {}
+    with labelled_positions_only(config, compact_head):
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        eval_metrics = trainer.evaluate() if "test" in splits else {}
     if not trainer.is_world_process_zero():
         return trainer, {}
     with atomic_path(out_dir) as tmp:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,39 @@ def strict_config(cls, section: str, values: dict[str, Any], defaults: dict[str,
         return cls(**values, **fixed)
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"{section}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def labelled_positions_only(args, enabled: bool = True) -> Iterator[bool]:
+    """Run TRL's fused LM head on the labelled positions only, on CPU as on GPUs; yields whether it does.
+
+    TRL's SFT and DPO trainers compute per-token log-probabilities with a fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``): the vocabulary projection and its softmax in tiles, in fp32. On Triton
+    devices it projects only the positions that have a label (the completions); elsewhere every position, prompt and
+    padding included, so that a compiler (Neuron, ``torch.compile``) sees fixed tile shapes. Eager CPU training
+    compiles nothing, and there the head over every position was nearly half of a DPO step on the default run
+    (profiled: 1.8 of 4.0 s). The unlabelled positions' values are discarded either way (zeroed), so the losses and
+    gradients are the same (``tests/test_training.py``). Left as TRL has it under ``torch_compile`` and off CPU.
+
+    TRL makes the choice with ``trl.trainer.utils._use_triton(device)`` at each call; that one name is switched here
+    for the block and restored after it. A TRL without it keeps its own behaviour (with a warning), and the test above
+    fails, so an upgrade that moves it is noticed.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if not enabled or getattr(args, "torch_compile", False):
+        yield False
+        return
+    if original is None or not hasattr(trl_utils, "add_fused_lm_head"):
+        log.warning("this TRL has no trl.trainer.utils._use_triton: its fused LM head scores every position on CPU")
+        yield False
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
 
 
 def load_target(model_dir: str | Path):

@@ -42,6 +42,56 @@ def test_precompute_ref_log_probs_auto_only_when_the_run_sees_the_pairs_more_tha
         "precompute_ref_log_probs"] is True  # an explicit value stays
 
 
+def test_fused_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradients(tiny_model_dir):
+    """TRL's fused LM head scores every position on CPU; ``labelled_positions_only`` has it project the labelled ones
+    only, with the same per-token log-probabilities and gradients."""
+    from types import SimpleNamespace
+
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from politune.training import labelled_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :15] = -100  # a prompt
+    labels[1, :9] = -100
+    labels[1, 20:] = -100  # padding
+    rows = []
+    kernel = trl_utils._ChunkedLogProbFunction
+
+    class Spy:  # the real kernel, counting the positions it is given
+        @staticmethod
+        def apply(hidden, *rest):
+            rows.append(hidden.shape[0])
+            return kernel.apply(hidden, *rest)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        return out.log_probs.detach(), out.entropy.detach(), model.lm_head.weight.grad.clone()
+
+    trl_utils._ChunkedLogProbFunction = Spy
+    try:
+        every = run()
+        with labelled_positions_only(SimpleNamespace(torch_compile=False)) as compact:
+            only = run()
+        assert compact
+        with labelled_positions_only(SimpleNamespace(torch_compile=True)) as compact:
+            assert not compact  # a compiler wants fixed tile shapes: TRL's own behaviour
+    finally:
+        trl_utils._ChunkedLogProbFunction = kernel
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert rows == [2 * 23, labelled], rows  # every position after the first, then the labelled ones only
+    assert torch.allclose(every[0], only[0], atol=1e-5) and torch.allclose(every[1], only[1], atol=1e-5)
+    assert torch.allclose(every[2], only[2], atol=1e-5)
+    assert every[0].abs().sum() > 0
+
+
 @pytest.fixture()
 def tiny_data(tmp_path):
     rows = [{"id": f"p{i:02d}", "prompt": f"What should we do about issue {i}?",
