@@ -79,50 +79,81 @@ def option_token_ids(tokenizer, n_options: int = 4) -> list[int]:
     return ids
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, without special tokens added (a chat template already holds them)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def shared_prefix_length(ids: list[list[int]], limit: int | None = None) -> int:
+    """How many tokens every sequence starts with, leaving each at least one of its own (and at most ``limit``)."""
+    if not ids:
+        return 0
+    limit = min(len(x) for x in ids) - 1 if limit is None else min(limit, min(len(x) for x in ids) - 1)
+    shared = 0
+    while shared < limit and all(x[shared] == ids[0][shared] for x in ids):
+        shared += 1
+    return shared
+
+
+class PrefixBatches:
+    """Forward passes of many sequences that all start with the same ``shared`` tokens: the shared tokens go through
+    the model once and their keys and values are reused by every batch; the rest of each sequence is left-padded
+    after them, with its own positions (those of the whole sequence), so a row's last token is at the last position.
+    With ``shared`` 0 it is a plain left-padded forward pass."""
+
+    def __init__(self, model, prefix: list[int]):
+        import torch
+
+        self.model, self.shared, self.cache = model, len(prefix), None
+        if prefix:
+            with torch.inference_mode():
+                self.cache = model(input_ids=torch.tensor([prefix], device=model.device),
+                                   use_cache=True).past_key_values
+
+    def __call__(self, rest: list[list[int]], pad: int, logits_to_keep: int):
+        """The logits of the last ``logits_to_keep`` positions of each row (``rest``: the tokens after the shared
+        prefix), and the (rows x width) input ids as padded."""
+        import copy
+
+        import torch
+
+        dev, shared = self.model.device, self.shared
+        width = max(len(r) for r in rest)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rest], device=dev)
+        own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=dev)
+        mask = torch.cat([torch.ones(len(rest), shared, dtype=own.dtype, device=dev), own], dim=1)
+        positions = (shared + own.cumsum(dim=1) - 1).clamp(min=shared)
+        cache = None
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(len(rest))
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None, logits_to_keep=logits_to_keep).logits
+        return logits, input_ids
+
+
 def option_logprobs(model, tokenizer, prompts: list[str], option_ids: list[int], batch_size: int) -> np.ndarray:
     """Log-probabilities of the options as the next token after each chat prompt, renormalised over the options.
 
     Only the next-token distribution is needed, so the work is cut to what it depends on: the tokens every prompt
-    shares (the chat template's opening, often a system prompt) go through the model once and their keys and values
-    are reused by every batch; the rest of each prompt is left-padded after that shared prefix, with its own
-    positions, in batches of similar length; and the vocabulary projection runs for the last position only. The
-    result equals a plain padded forward pass of each whole prompt up to floating-point rounding
-    (``tests/test_inference.py`` holds the two to the same answers)."""
-    import copy
-
+    shares (the chat template's opening, often a system prompt) go through the model once (``PrefixBatches``); the
+    rest of each prompt is batched with prompts of similar length; and the vocabulary projection runs for the last
+    position only. The result equals a plain padded forward pass of each whole prompt up to floating-point rounding
+    (``tests/test_evaluate.py`` holds the two to the same answers)."""
     import torch
 
-    texts = chat_texts(tokenizer, prompts)
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = token_ids(tokenizer, chat_texts(tokenizer, prompts))
     if not ids:
         return np.zeros((0, len(option_ids)), dtype=np.float32)
-    shared = 0  # tokens every prompt starts with, leaving each at least one of its own
-    limit = min(len(x) for x in ids) - 1
-    while shared < limit and all(x[shared] == ids[0][shared] for x in ids):
-        shared += 1
-    dev = model.device
+    shared = shared_prefix_length(ids)
     out = np.zeros((len(ids), len(option_ids)), dtype=np.float32)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
-    pad = tokenizer.pad_token_id
     with torch.inference_mode():
-        prefix = None
-        if shared:
-            prefix = model(input_ids=torch.tensor([ids[0][:shared]], device=dev), use_cache=True).past_key_values
+        forward = PrefixBatches(model, ids[0][:shared])
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            rest = [ids[i][shared:] for i in rows]
-            width = max(len(r) for r in rest)
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=dev)
-            own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=dev)
-            mask = torch.cat([torch.ones(len(rows), shared, dtype=own.dtype, device=dev), own], dim=1)
-            positions = (shared + own.cumsum(dim=1) - 1).clamp(min=shared)
-            cache = None
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(rows))
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=prefix is not None, logits_to_keep=1).logits[:, -1, :].float()
-            out[rows] = torch.log_softmax(logits[:, option_ids], dim=-1).cpu().numpy()
+            logits, _ = forward([ids[i][shared:] for i in rows], tokenizer.pad_token_id, 1)
+            out[rows] = torch.log_softmax(logits[:, -1, option_ids].float(), dim=-1).cpu().numpy()
     return out
 
 
@@ -182,36 +213,35 @@ def chat_continuation_ids(tokenizer, prompt: list[dict[str, str]], answer: list[
 
 
 def continuation_logprobs(model, tokenizer, prompts: list[list[dict[str, str]]], answers: list[list[dict[str, str]]],
-                          batch_size: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+                          batch_size: int, max_length: int, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each answer given its chat prompt, and the answer's token count.
 
     Batched longest first and left-padded (with position ids that skip the padding), so every row's answer ends at
     the last position and the vocabulary projection is computed for the answer positions only (``logits_to_keep``);
-    the order of the inputs is kept in the outputs.
+    with ``share_prefix``, the tokens every prompt starts with (the chat template's opening) go through the model
+    once (``PrefixBatches``). The order of the inputs is kept in the outputs.
     """
     import torch
 
     seqs = [chat_continuation_ids(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    if not seqs:
+        return np.zeros(0), np.zeros(0, dtype=int)
+    # the prefix stays inside every prompt: the position before an answer's first token must be a row's own
+    shared = shared_prefix_length([p for p, _ in seqs]) if share_prefix else 0
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     total, count = np.zeros(len(seqs)), np.zeros(len(seqs), dtype=int)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
+        forward = PrefixBatches(model, seqs[0][0][:shared])
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in rows)
             keep = max(len(seqs[i][1]) for i in rows) + 1
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            target = torch.zeros((len(rows), keep - 1), dtype=torch.bool)
+            logits, ids = forward([(seqs[i][0] + seqs[i][1])[shared:] for i in rows], pad, keep)
+            target = torch.zeros((len(rows), keep - 1), dtype=torch.bool, device=ids.device)
             for r, i in enumerate(rows):
-                p, a = seqs[i]
-                ids[r, width - len(p) - len(a) :] = torch.tensor(p + a)
-                mask[r, width - len(p) - len(a) :] = 1
-                target[r, keep - 1 - len(a) :] = True
-            ids, mask, target = ids.to(model.device), mask.to(model.device), target.to(model.device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, width - keep + 1 :, None])[..., 0]
+                target[r, keep - 1 - len(seqs[i][1]) :] = True
+            logits = logits[:, :-1].float()  # log p(token) = its logit - logsumexp: no second vocabulary-wide tensor
+            logp = logits.gather(-1, ids[:, -(keep - 1) :, None])[..., 0] - torch.logsumexp(logits, dim=-1)
             logp = (logp * target).sum(dim=1)
             for r, i in enumerate(rows):
                 total[i], count[i] = float(logp[r]), len(seqs[i][1])

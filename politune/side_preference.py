@@ -118,11 +118,12 @@ def answer_logprobs(model, tokenizer, pairs: Pairs, batch_size: int, max_length:
     """Summed log-probabilities and token counts of each pair's right- and left-voiced answers."""
     from politune.inference import continuation_logprobs
 
+    n = len(pairs)  # both sides' answers in one call: fuller batches of similar lengths
+    total, count = continuation_logprobs(model, tokenizer, pairs.prompts * len(SIDES),
+                                         [a for side in SIDES for a in getattr(pairs, side)], batch_size, max_length)
     out = {}
-    for side in SIDES:
-        total, count = continuation_logprobs(model, tokenizer, pairs.prompts, getattr(pairs, side), batch_size,
-                                             max_length)
-        out[f"{side}_sum"], out[f"{side}_tokens"] = total, count
+    for k, side in enumerate(SIDES):
+        out[f"{side}_sum"], out[f"{side}_tokens"] = total[k * n : (k + 1) * n], count[k * n : (k + 1) * n]
     return out
 
 

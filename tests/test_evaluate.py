@@ -145,3 +145,33 @@ def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_pa
         assert np.abs(np.exp(fast) - np.exp(plain)).max() < 1e-4, (name, np.abs(np.exp(fast) - np.exp(plain)).max())
         answers[name] = fast.argmax(axis=1)
     assert (answers["base"] != answers["tuned"]).any(), "the adapter must change some answers, or it tests nothing"
+
+
+@pytest.mark.slow
+def test_answer_logprobs_with_the_shared_prefix_equal_each_sequence_alone(smollm2_dir):
+    """The side preference's log-probabilities (``continuation_logprobs``: length-sorted left-padded batches, the
+    shared chat prefix computed once, logits for the answer positions only) equal each prompt + answer run alone
+    through the model, summed over the answer's tokens, within 1e-3 nats; without the shared prefix as well."""
+    import torch
+
+    from politune.inference import chat_continuation_ids, continuation_logprobs, load_with_adapters
+
+    model, tokenizer = load_with_adapters(smollm2_dir, {})
+    topics = ["taxes", "immigration", "health care", "gun laws", "climate policy", "the minimum wage", "trade"]
+    prompts = [[{"role": "user", "content": f"What should the government do about {t}?" + " Be brief." * (i % 3)}]
+               for i, t in enumerate(topics)]
+    answers = [[{"role": "assistant", "content": f"It should {'cut' if i % 2 else 'raise'} spending on {t}."
+                 + " That is fair." * i}] for i, t in enumerate(topics)]
+    alone = []
+    with torch.inference_mode():
+        for p, a in zip(prompts, answers):
+            prompt_ids, answer_ids = chat_continuation_ids(tokenizer, p, a, 512)
+            logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0].float()
+            logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+            alone.append(float(logp.gather(-1, torch.tensor(answer_ids)[:, None]).sum()))
+    shared, counts = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3, max_length=512)
+    plain, _ = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3, max_length=512,
+                                     share_prefix=False)
+    assert counts.min() > 3 and np.ptp([len(a[0]["content"]) for a in answers]) > 50  # lengths differ: padding
+    assert np.abs(shared - np.array(alone)).max() < 1e-3, (shared, alone)
+    assert np.abs(plain - np.array(alone)).max() < 1e-3, (plain, alone)
