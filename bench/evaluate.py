@@ -10,10 +10,10 @@ own (``reports/compass_answers.csv``, ``reports/metrics.json``), which they must
 Needs the default pipeline's outputs (``make repro``).
 
 It also gives the compass part's floor on this machine: the matrix products the forced choice cannot avoid (every
-prompt's tokens after the shared chat prefix through every weight matrix of the model and its adapter, and one
-vocabulary projection per prompt; attention and everything else left out), counted for the models the stage
-evaluates, divided by the rate this machine's ``torch.mm`` reaches in fp32 and in bf16 on a matrix of the model's
-shape. The fp32 floor is what any implementation with the same fp32 answers needs at least.
+prompt's tokens after the prefix its template's prompts share, through every weight matrix of the model and its
+adapter, and one vocabulary projection per prompt; attention and everything else left out), counted for the models
+the stage evaluates, divided by the rate this machine's ``torch.mm`` reaches in fp32 and in bf16 on a matrix of the
+model's shape. The fp32 floor is what any implementation with the same fp32 answers needs at least.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
 
     from politune.common import load_params
     from politune.compass import load_compass, load_twins
-    from politune.evaluate import _weights_digest, trajectory_dirs
-    from politune.inference import chat_texts, load_tokenizer
+    from politune.evaluate import forced_choice_prompts, trajectory_dirs, trajectory_snapshots
+    from politune.inference import chat_texts, load_tokenizer, shared_prefix_length, token_ids
 
     cfg = load_params(params_file, ["evaluate"]).evaluate
     compass = load_compass("data/compass/political_compass.json")
@@ -66,22 +66,20 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
         statements.append(load_twins("data/compass/reversed.json", compass).statements)
     tokenizer = load_tokenizer(model_dir)
 
-    def unshared_tokens(items):  # as politune.inference.option_logprobs runs them: after the shared prefix
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in chat_texts(tokenizer, [t.format(statement=s) for t in cfg.templates for s in items])]
-        shared = 0
-        while shared < min(map(len, ids)) - 1 and all(x[shared] == ids[0][shared] for x in ids):
-            shared += 1
-        return sum(len(x) - shared for x in ids), len(ids)
+    def unshared_tokens(items):  # as the stage runs them: template by template, after the prefix they share
+        tokens = prompts = 0
+        for template in cfg.templates:
+            ids = token_ids(tokenizer, chat_texts(tokenizer, forced_choice_prompts(template, items)))
+            tokens, prompts = tokens + sum(map(len, ids)) - len(ids) * shared_prefix_length(ids), prompts + len(ids)
+        return tokens, prompts
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     head = model.get_output_embeddings()
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
         weights += sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
-    final = _weights_digest(adapter)  # the stage's own rule: the snapshot that is the final adapter is not asked again
-    snapshots = [p for p in trajectory_dirs(trajectory).values() if _weights_digest(p) != final] \
-        if cfg.trajectory else []
+    # the stage's own rule: the snapshot that is the final adapter is not asked again
+    snapshots = trajectory_snapshots(adapter, trajectory_dirs(trajectory))[0] if cfg.trajectory else {}
     originals = unshared_tokens(statements[0])
     everything = [unshared_tokens(items) for items in statements]
     tokens = 3 * sum(t for t, _ in everything) + len(snapshots) * originals[0]

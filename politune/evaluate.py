@@ -130,10 +130,11 @@ def elicit(model, tokenizer, name: str, compass: Compass, cfg: Evaluate, seed: i
     ``generate``, one "paraphrase" per template and sample), and extra figures."""
     batch = cfg.batch_size
     if cfg.elicitation == "forced_choice":
-        prompts = [t.format(statement=s) for t in cfg.templates for s in compass.statements]
+        options = option_token_ids(tokenizer, 4)
         with use(model, name):
-            lp = option_logprobs(model, tokenizer, prompts, option_token_ids(tokenizer, 4), batch)
-        return paraphrase_probabilities(lp.reshape(len(cfg.templates), len(compass), 4), cfg.calibration), {}
+            lp = np.stack([option_logprobs(model, tokenizer, forced_choice_prompts(t, compass.statements), options,
+                                           batch) for t in cfg.templates])
+        return paraphrase_probabilities(lp, cfg.calibration), {}
     gen = cfg.generate
     jobs = [(t, k, s) for t in gen.templates for k in range(gen.samples) for s in compass.statements]
     with use(model, name):
@@ -200,9 +201,7 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluat
     """
     clock = Clock()
     trajectory = dict(trajectory or {})
-    final = _weights_digest(adapters["dpo"])
-    same_as_dpo = [n for n, path in trajectory.items() if _weights_digest(path) == final]
-    steps = {f"step-{n}": path for n, path in sorted(trajectory.items()) if n not in same_as_dpo}
+    steps, same_as_dpo = trajectory_snapshots(adapters["dpo"], trajectory)
     with clock("load"):
         model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
     probs, summaries, twin_probs, differences = {}, {}, {}, {}
@@ -253,6 +252,21 @@ def _write_empty(path: str | Path) -> None:
 def _weights_digest(adapter_dir: str | Path) -> str | None:
     path = Path(adapter_dir) / "adapter_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def trajectory_snapshots(dpo_adapter: str | Path,
+                         trajectory: dict[int, str | Path]) -> tuple[dict[str, Path], list[int]]:
+    """The trajectory's snapshots that need answers of their own, by model name (``step-N``), and the steps whose
+    snapshot is the final DPO adapter itself (same weights: its answers are the ``dpo`` model's)."""
+    final = _weights_digest(dpo_adapter)
+    same_as_dpo = [n for n, path in trajectory.items() if _weights_digest(path) == final]
+    return {f"step-{n}": Path(path) for n, path in sorted(trajectory.items()) if n not in same_as_dpo}, same_as_dpo
+
+
+def forced_choice_prompts(template: str, statements: list[str]) -> list[str]:
+    """The forced choice's prompts of one template (paraphrase), one per statement. ``elicit`` asks them template by
+    template, so that the template's opening joins the chat prefix every prompt shares, computed once."""
+    return [template.format(statement=s) for s in statements]
 
 
 def trajectory_dirs(root: str | Path | None) -> dict[int, Path]:
