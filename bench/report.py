@@ -53,6 +53,11 @@ def _dpo(d: dict[str, Any]) -> list[str]:
                          f"{r['seconds_per_step_all_in']} | "
                          f"{r['peak_rss_gb']} | {r['final_loss']} | {r['eval_loss']} | {r['eval_reward_accuracy']} |")
     lines += ["", *(f"- `{k}`: {v}" for k, v in d.items() if k.startswith("speedup")), ""]
+    for steps, short in d.get("short_runs", {}).items():
+        lines += [f"At {steps} steps: " + ", ".join(
+            f"{name} {r['seconds_per_step']} s/step ({r['seconds_per_step_all_in']} all-in)"
+            for name, r in short.items() if isinstance(r, dict) and "seconds_per_step" in r) + "; "
+            + ", ".join(f"`{k}` {v}" for k, v in short.items() if k.startswith("speedup")), ""]
     return lines
 
 

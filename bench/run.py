@@ -110,10 +110,17 @@ def ingest(args) -> dict:
 
 
 def dpo(args) -> dict:
+    """Every configuration at the default run's steps, then TRL's default and the optimised one at each of
+    ``--dpo-short-steps`` (a shorter run, where one-off costs weigh more): ``short_runs``, by steps."""
     out = Path(args.work) / "dpo.json"
     run([sys.executable, "-m", "bench.dpo", "--configs", *args.dpo_configs, "--out", str(out)] +
         (["--steps", str(args.dpo_steps)] if args.dpo_steps else []))
     result = read_json(out)
+    for steps in args.dpo_short_steps:
+        short = Path(args.work) / f"dpo-{steps}.json"
+        run([sys.executable, "-m", "bench.dpo", "--configs", "default", "optimised", "--steps", str(steps),
+             "--out", str(short)])
+        result.setdefault("short_runs", {})[str(steps)] = read_json(short)
     return result
 
 
@@ -235,9 +242,11 @@ def main() -> None:
                         help="annotation: time scoring as well as generation (the figures compare generation)")
     parser.add_argument("--ingest-n", type=int, nargs="+", default=[200_000, 2_000_000],
                         help="sizes of the generated corpus ingested (bench.ingest)")
-    parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "bf16_precompute",
-                                                                "optimised"])
+    parser.add_argument("--dpo-configs", nargs="+", default=["default", "precompute", "bf16", "no_checkpointing",
+                                                                "compact_head", "optimised"])
     parser.add_argument("--dpo-steps", type=int, help="DPO steps (default: the default run's dpo.max_steps)")
+    parser.add_argument("--dpo-short-steps", type=int, nargs="*", default=[8],
+                        help="shorter runs timed for TRL's default and the optimised configuration")
     parser.add_argument("--exp-set", default="evaluate.bootstrap=999",
                         help="the `dvc exp run -S` timed ('': skip)")
     parser.add_argument("--default-repro", action=argparse.BooleanOptionalAction, default=True,
