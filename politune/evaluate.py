@@ -29,21 +29,26 @@ left-voiced answer of held-out preference pairs, as a shift from the base model 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from politune import side_preference
-from politune.common import atomic_path, seed_everything, write_json
+from politune.common import Clock, atomic_path, seed_everything, write_json
 from politune.compass import (Compass, agreement_bias, balanced, compass_axes, load_compass, load_twins, resample,
                               save_compass)
-from politune.inference import MODELS, generate, load_with_adapters, option_logprobs, option_token_ids, use
+from politune.inference import (
+    MODELS,
+    generate,
+    load_with_adapters,
+    option_logprobs,
+    option_token_ids,
+    use,
+)
 from politune.schema import Evaluate, Params
 
 log = logging.getLogger("politune.evaluate")
@@ -172,21 +177,6 @@ def side_summary(model, tokenizer, name: str, pairs, cfg: Evaluate, seed: int, d
                                      seed)
 
 
-class Clock:
-    """Wall seconds spent in each named part: ``with clock("part"): ...`` adds to ``clock.seconds["part"]``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, part: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
-
-
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluate, seed: int,
              trajectory: dict[int, str] | None = None, twins: Compass | None = None, pairs=None,
              seconds: dict[str, float] | None = None):
@@ -203,7 +193,7 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluat
     trajectory = dict(trajectory or {})
     steps, same_as_dpo = trajectory_snapshots(adapters["dpo"], trajectory)
     with clock("load"):
-        model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps})
+        model, tokenizer = load_with_adapters(model_dir, {**adapters, **steps}, onednn=True)
     probs, summaries, twin_probs, differences = {}, {}, {}, {}
     n_boot = cfg.bootstrap
     for name in MODELS:

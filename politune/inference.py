@@ -8,11 +8,13 @@ the model with the adapters disabled.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("politune.inference")
 MODELS = ("base", "sft", "dpo")  # the evaluated models: the target, and the target with each adapter
 
 
@@ -35,9 +37,9 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path]):
+def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path], onednn: bool = False):
     """Return (model, tokenizer): the base model with each named adapter loaded (none active outside ``use``), on
-    ``device()``."""
+    ``device()``; with ``onednn``, for inference only, its linear layers through oneDNN on CPU (``onednn_linears``)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -50,7 +52,71 @@ def load_with_adapters(model_dir: str | Path, adapters: dict[str, str | Path]):
         for name, path in rest:
             model.load_adapter(str(path), adapter_name=name)
         model.eval()
-    return model.to(device()), tokenizer
+    model = model.to(device())
+    if onednn:
+        log.info("linear layers through oneDNN: %d", onednn_linears(model))
+    return model, tokenizer
+
+
+def onednn_available() -> bool:
+    """Whether this torch can run fp32 linear layers through oneDNN (``torch.ops.mkldnn``, as torch.compile's CPU
+    backend does)."""
+    import torch
+
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def onednn_linears(model, min_features: int = 64) -> int:
+    """Run the model's fp32 ``nn.Linear`` layers (at least ``min_features`` wide: not the LoRA matrices) through
+    oneDNN instead of torch's default BLAS, for inference on CPU; returns how many.
+
+    Why: torch's CPU wheel does fp32 matrix products with MKL, which uses its AVX2 kernels on AMD CPUs, while
+    oneDNN uses AVX-512 where the CPU has it. On the 2-core AVX-512 EPYC of ``make bench`` a 576 x 1536 fp32 product
+    ran at about 200 GFLOP/s through MKL and about 490 through oneDNN, and the compass's forced choice took 7.7 s
+    instead of 14.3 s per model and template set. Both are fp32 with fp32 accumulation; only the order of the sums
+    differs (option probabilities within 2e-5 of MKL's on the default models, the same answers:
+    ``tests/test_evaluate.py``). Each layer keeps its dense weight (read by PEFT and by tied embeddings) beside a
+    oneDNN-packed copy of it, so the weights must not change afterwards (inference only). Nothing is changed on a
+    GPU, for other dtypes, or where this torch has no oneDNN (``onednn_available``).
+    """
+    import torch
+
+    if not onednn_available() or next(model.parameters()).device.type != "cpu":
+        return 0
+
+    class OneDNNLinear(torch.nn.Module):
+        onednn = True
+
+        def __init__(self, dense: torch.nn.Linear):
+            super().__init__()
+            self.dense = dense
+            self.in_features, self.out_features = dense.in_features, dense.out_features
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(dense.weight.detach())
+
+        @property
+        def weight(self):
+            return self.dense.weight
+
+        @property
+        def bias(self):
+            return self.dense.bias
+
+        def forward(self, x):
+            if x.dtype != torch.float32 or torch.is_grad_enabled():
+                return self.dense(x)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.dense.bias, "none", [], "")
+
+    swapped = 0
+    for module in list(model.modules()):
+        if getattr(module, "onednn", False):  # swapped by an earlier call
+            continue
+        for name, child in list(module.named_children()):
+            if (type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
+                    and min(child.in_features, child.out_features) >= min_features):
+                setattr(module, name, OneDNNLinear(child))
+                swapped += 1
+    return swapped
 
 
 @contextlib.contextmanager

@@ -25,14 +25,13 @@ import argparse
 import contextlib
 import csv
 import logging
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
-from politune.common import atomic_path, seed_everything, write_json
+from politune.common import Clock, atomic_path, seed_everything, write_json
 from politune.endpoint import Endpoint
 from politune.inference import MODELS
 from politune.schema import PRIMARY_JUDGE, Client, Params
@@ -105,7 +104,7 @@ def answer_prompts(model_dir, adapters: dict[str, str], cfg: JudgeParams, seed: 
     """Every model's answers to every prompt (``samples`` each): rows of model, prompt id, sample, prompt, answer."""
     from politune.inference import generate, load_with_adapters, use
 
-    model, tokenizer = load_with_adapters(model_dir, adapters)
+    model, tokenizer = load_with_adapters(model_dir, adapters, onednn=True)
     rows = []
     jobs = [(i, k, p) for k in range(cfg.samples) for i, p in enumerate(cfg.prompts)]
     for name in MODELS:
@@ -253,15 +252,15 @@ def score_rows(rows: list[dict[str, Any]], cfg: JudgeParams, url: str, name: str
 def judge(model_dir, adapters: dict[str, str], judge_model, cfg: JudgeParams, seed: int):
     """Answer the prompts with each model, then score every answer; return (rows, summary, seconds: the wall time
     of answering, of the endpoint's start (a local server's) and of scoring)."""
-    t0 = time.perf_counter()
-    rows = answer_prompts(model_dir, adapters, cfg, seed)
-    t1 = time.perf_counter()
-    with endpoint(cfg, judge_model, seed) as (url, name):
-        t2 = time.perf_counter()
-        summary = score_rows(rows, cfg, url, name, seed)
-        t3 = time.perf_counter()
-    return rows, summary, {"answer": round(t1 - t0, 1), "endpoint_start": round(t2 - t1, 1),
-                           "score": round(t3 - t2, 1)}
+    clock = Clock()
+    with clock("answer"):
+        rows = answer_prompts(model_dir, adapters, cfg, seed)
+    with contextlib.ExitStack() as stack:
+        with clock("endpoint_start"):
+            url, name = stack.enter_context(endpoint(cfg, judge_model, seed))
+        with clock("score"):
+            summary = score_rows(rows, cfg, url, name, seed)
+    return rows, summary, {k: round(v, 1) for k, v in clock.seconds.items()}
 
 
 def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:

@@ -117,12 +117,12 @@ def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_pa
     """The evaluate-equivalence check (issue 18): on SmolLM2, as base and with a LoRA adapter that changes its
     answers, the fast path (shared chat prefix computed once, length-sorted batches, last-position logits only) gives
     the same answer per proposition and paraphrase as the plain padded forward pass, and the same probabilities
-    within 1e-4."""
+    within 1e-4; also with the linear layers through oneDNN (``onednn_linears``), as the stage runs them."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from politune.inference import load_with_adapters, option_logprobs, option_token_ids, use
+    from politune.inference import load_with_adapters, onednn_linears, option_logprobs, option_token_ids, use
 
     torch.manual_seed(0)
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir),
@@ -134,16 +134,24 @@ def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_pa
     model, tokenizer = load_with_adapters(smollm2_dir, {"tuned": tmp_path / "adapter"})
     compass = load_compass(ROOT / "data" / "compass" / "political_compass.json")
     options = option_token_ids(tokenizer, 4)
-    answers = {}
-    for name, template in (("base", 0), ("tuned", 1)):
-        prompts = [PARAMS["evaluate"]["templates"][template].format(statement=s) for s in compass.statements]
+    prompts = {name: [PARAMS["evaluate"]["templates"][template].format(statement=s) for s in compass.statements]
+               for name, template in (("base", 0), ("tuned", 1))}
+    plain, answers = {}, {}
+    for name in prompts:
         with use(model, name):
-            fast = option_logprobs(model, tokenizer, prompts, options, batch_size=16)
-            plain = plain_option_logprobs(model, tokenizer, prompts, options, batch_size=16)
-        assert fast.shape == plain.shape == (62, 4)
-        assert (fast.argmax(axis=1) == plain.argmax(axis=1)).all(), name
-        assert np.abs(np.exp(fast) - np.exp(plain)).max() < 1e-4, (name, np.abs(np.exp(fast) - np.exp(plain)).max())
-        answers[name] = fast.argmax(axis=1)
+            plain[name] = plain_option_logprobs(model, tokenizer, prompts[name], options, batch_size=16)
+    # then as the evaluate stage runs them: with the fp32 linear layers through oneDNN (all but the LoRA matrices)
+    for linears in ("default", "onednn"):
+        if linears == "onednn":
+            assert onednn_linears(model) == 30 * 7 + 1  # q, k, v, o and the MLP's three per layer, the LM head
+        for name in prompts:
+            with use(model, name):
+                fast = option_logprobs(model, tokenizer, prompts[name], options, batch_size=16)
+            assert fast.shape == plain[name].shape == (62, 4)
+            assert (fast.argmax(axis=1) == plain[name].argmax(axis=1)).all(), (linears, name)
+            gap = np.abs(np.exp(fast) - np.exp(plain[name])).max()
+            assert gap < 1e-4, (linears, name, gap)
+            answers[name] = fast.argmax(axis=1)
     assert (answers["base"] != answers["tuned"]).any(), "the adapter must change some answers, or it tests nothing"
 
 
@@ -151,10 +159,11 @@ def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_pa
 def test_answer_logprobs_with_the_shared_prefix_equal_each_sequence_alone(smollm2_dir):
     """The side preference's log-probabilities (``continuation_logprobs``: length-sorted left-padded batches, the
     shared chat prefix computed once, logits for the answer positions only) equal each prompt + answer run alone
-    through the model, summed over the answer's tokens, within 1e-3 nats; without the shared prefix as well."""
+    through the model, summed over the answer's tokens, within 1e-3 nats; without the shared prefix as well, both with
+    the linear layers through oneDNN as the stage runs them."""
     import torch
 
-    from politune.inference import chat_continuation_ids, continuation_logprobs, load_with_adapters
+    from politune.inference import chat_continuation_ids, continuation_logprobs, load_with_adapters, onednn_linears
 
     model, tokenizer = load_with_adapters(smollm2_dir, {})
     topics = ["taxes", "immigration", "health care", "gun laws", "climate policy", "the minimum wage", "trade"]
@@ -169,6 +178,7 @@ def test_answer_logprobs_with_the_shared_prefix_equal_each_sequence_alone(smollm
             logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0].float()
             logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
             alone.append(float(logp.gather(-1, torch.tensor(answer_ids)[:, None]).sum()))
+    assert onednn_linears(model) > 0  # as the evaluate stage runs it
     shared, counts = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3, max_length=512)
     plain, _ = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3, max_length=512,
                                      share_prefix=False)
