@@ -12,8 +12,9 @@ Needs the default pipeline's outputs (``make repro``).
 It also gives the compass part's floor on this machine: the matrix products the forced choice cannot avoid (every
 prompt's tokens after the prefix its template's prompts share, through every weight matrix of the model and its
 adapter, and one vocabulary projection per prompt; attention and everything else left out), counted for the models
-the stage evaluates, divided by the rate this machine's ``torch.mm`` reaches in fp32 and in bf16 on a matrix of the
-model's shape. The fp32 floor is what any implementation with the same fp32 answers needs at least.
+the stage evaluates, divided by the rate this machine reaches on a matrix of the model's shape: ``torch.mm`` in fp32
+and in bf16, and the oneDNN fp32 linear layer the stage uses (``fp32_onednn``). The fp32 floors are what an
+implementation with the same fp32 answers needs at least, through each library.
 """
 
 from __future__ import annotations
@@ -32,16 +33,25 @@ from demo.sweep import stage_commands
 from politune.common import read_yaml
 
 
-def gemm_gflops(dtype, rows: int, inner: int, outer: int, seconds: float = 2.0) -> float:
-    """GFLOP/s of ``torch.mm`` on this machine (torch's own threads) for a (rows x inner) @ (inner x outer) product."""
+def gemm_gflops(dtype, rows: int, inner: int, outer: int, seconds: float = 2.0, onednn: bool = False) -> float:
+    """GFLOP/s of ``torch.mm`` on this machine (torch's own threads) for a (rows x inner) @ (inner x outer) product;
+    with ``onednn``, of the oneDNN linear layer the stage runs its fp32 models with (``inference.onednn_linears``)."""
     import torch
 
     a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
+    if onednn:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+
+        def product():
+            return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    else:
+        def product():
+            return a @ b
     for _ in range(3):
-        a @ b
+        product()
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
+        product()
         done += 1
     return 2 * rows * inner * outer * done / (time.perf_counter() - t0) / 1e9
 
@@ -57,7 +67,7 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
     from politune.common import load_params
     from politune.compass import load_compass, load_twins
     from politune.evaluate import forced_choice_prompts, trajectory_dirs, trajectory_snapshots
-    from politune.inference import chat_texts, load_tokenizer, shared_prefix_length, token_ids
+    from politune.inference import chat_texts, load_tokenizer, onednn_available, shared_prefix_length, token_ids
 
     cfg = load_params(params_file, ["evaluate"]).evaluate
     compass = load_compass("data/compass/political_compass.json")
@@ -88,6 +98,8 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
     hidden = model.config.hidden_size
     rates = {name: gemm_gflops(dtype, 1024, hidden, 4 * hidden) for name, dtype in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    if onednn_available():  # the rate the stage's fp32 linear layers run at
+        rates["fp32_onednn"] = gemm_gflops(torch.float32, 1024, hidden, 4 * hidden, onednn=True)
     return {"compass_models": 3 + len(snapshots), "compass_prompts": prompts, "compass_tokens": tokens,
             "compass_tflop": round(flop / 1e12, 2),
             **{f"gemm_gflops_{k}": round(v, 1) for k, v in rates.items()},

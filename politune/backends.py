@@ -163,12 +163,13 @@ class TransformersBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from politune.inference import load_tokenizer
+        from politune.inference import load_tokenizer, onednn_linears
 
         self.torch = torch
         self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
+        onednn_linears(self.model)  # fp32 on CPU: as evaluate and judge run their models
         self.batch_size = cfg.batch_size
         self.seed = seed
         self.tokens_generated = 0
