@@ -221,11 +221,11 @@ def default_repro(env: dict) -> dict:
 
 def machine() -> dict:
     """The machine the figures were measured on."""
-    from politune.common import cpu_bf16
+    from politune.common import cpu_bf16, cpu_info
 
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    return {"cpus": os.cpu_count(), "cpu": name, "cpu_bf16": cpu_bf16(), "python": sys.version.split()[0]}
+    info = cpu_info()  # /proc/cpuinfo, read once
+    return {"cpus": os.cpu_count(), "cpu": info.get("model name"), "cpu_bf16": cpu_bf16(info),
+            "python": sys.version.split()[0]}
 
 
 def main() -> None:

@@ -150,11 +150,11 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def shared_prefix_length(ids: list[list[int]], limit: int | None = None) -> int:
-    """How many tokens every sequence starts with, leaving each at least one of its own (and at most ``limit``)."""
+def shared_prefix_length(ids: list[list[int]]) -> int:
+    """How many tokens every sequence starts with, leaving each at least one of its own."""
     if not ids:
         return 0
-    limit = min(len(x) for x in ids) - 1 if limit is None else min(limit, min(len(x) for x in ids) - 1)
+    limit = min(len(x) for x in ids) - 1
     shared = 0
     while shared < limit and all(x[shared] == ids[0][shared] for x in ids):
         shared += 1

@@ -53,12 +53,8 @@ def engine_options(engine: dict[str, Any]) -> tuple[dict[str, str], dict[str, An
     ``dtype: auto`` becomes bfloat16 where bf16 is native and float32 elsewhere (``politune.common.resolve_dtype``);
     every other key is passed to vLLM as it is.
     """
-    env = {ENV_KEYS["cpu_kvcache_space_gib"]: str(engine.get("cpu_kvcache_space_gib", KVCACHE_GIB))}
-    if engine.get("multiprocessing") is not None:
-        env[ENV_KEYS["multiprocessing"]] = str(int(bool(engine["multiprocessing"])))
-    for key in ("omp_num_threads", "cpu_omp_threads_bind", "cpu_reserved_cpus"):
-        if engine.get(key) is not None:
-            env[ENV_KEYS[key]] = str(engine[key])
+    values = {"cpu_kvcache_space_gib": KVCACHE_GIB, **{k: v for k, v in engine.items() if v is not None}}
+    env = {ENV_KEYS[k]: str(int(v) if isinstance(v, bool) else v) for k, v in values.items() if k in ENV_KEYS}
     options = {k: v for k, v in engine.items() if k not in ENV_KEYS}
     if "dtype" in options:
         options["dtype"] = resolve_dtype(options["dtype"])
