@@ -29,7 +29,7 @@ from politune.common import atomic_path, seed_everything
 from politune.schema import Params
 from politune.training import (
     CHECKPOINT_DEFAULTS,
-    labelled_positions_only,
+    fit,
     load_splits,
     load_target,
     run_training,
@@ -96,7 +96,7 @@ def resolve_precompute(values: dict[str, Any], n_train: int, section: str) -> di
 def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, resume=False, trajectory_dir=None,
           callbacks=(), compact_head=True):
     """Train the preference-tuned adapter with ``recipe.method`` (``callbacks``: more ``TrainerCallback``s, e.g. the
-    benchmark's clock; ``compact_head``: ``training.labelled_positions_only``, off only to time TRL's default)."""
+    benchmark's clock; ``compact_head``: ``training.fit``, off only to time TRL's default)."""
     from peft import LoraConfig, PeftModel
 
     seed = params.base.seed
@@ -116,9 +116,7 @@ def train(model_dir, adapter_dir, data_dir, out_dir, params: Params, work_dir, r
                          eval_dataset=splits.get("test"), processing_class=tokenizer,
                          callbacks=[*callbacks, *([snapshot_callback(Path(work_dir) / "trajectory")]
                                                   if trajectory_dir else [])] or None)
-    with labelled_positions_only(config, compact_head):
-        trainer.train(resume_from_checkpoint=True if resume else None)
-        eval_metrics = trainer.evaluate() if "test" in splits else {}
+    eval_metrics = fit(trainer, resume, "test" in splits, compact_head)
     if not trainer.is_world_process_zero():
         return trainer, {}
     with atomic_path(out_dir) as tmp:

@@ -13,7 +13,7 @@ from politune.common import atomic_path, seed_everything
 from politune.schema import Params
 from politune.training import (
     CHECKPOINT_DEFAULTS,
-    labelled_positions_only,
+    fit,
     load_splits,
     load_target,
     run_training,
@@ -25,8 +25,7 @@ log = logging.getLogger("politune.sft")
 
 
 def train(model_dir, data_dir, out_dir, params, work_dir, resume=False, compact_head=True):
-    """Train the SFT adapter (``compact_head``: ``training.labelled_positions_only``; off only to time TRL's
-    default)."""
+    """Train the SFT adapter (``compact_head``: ``training.fit``; off only to time TRL's default)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -39,9 +38,7 @@ def train(model_dir, data_dir, out_dir, params, work_dir, resume=False, compact_
     splits = load_splits(data_dir)
     trainer = SFTTrainer(model=model, args=config, train_dataset=splits["train"],
                          eval_dataset=splits.get("test"), processing_class=tokenizer, peft_config=lora)
-    with labelled_positions_only(config, compact_head):
-        trainer.train(resume_from_checkpoint=True if resume else None)
-        eval_metrics = trainer.evaluate() if "test" in splits else {}
+    eval_metrics = fit(trainer, resume, "test" in splits, compact_head)
     if not trainer.is_world_process_zero():
         return trainer, {}
     with atomic_path(out_dir) as tmp:

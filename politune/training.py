@@ -112,6 +112,15 @@ def labelled_positions_only(args, enabled: bool = True) -> Iterator[bool]:
         trl_utils._use_triton = original
 
 
+def fit(trainer, resume: bool, evaluate: bool, compact_head: bool = True) -> dict[str, float]:
+    """``trainer.train`` (from the last checkpoint when ``resume``), then ``trainer.evaluate`` on its eval split when
+    ``evaluate``; both with TRL's fused LM head on the labelled positions only (``compact_head``: off only to time
+    TRL's default). Returns the evaluation's metrics (empty without one)."""
+    with labelled_positions_only(trainer.args, compact_head):
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer.evaluate() if evaluate else {}
+
+
 def load_target(model_dir: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
