@@ -112,6 +112,51 @@ def plain_option_logprobs(model, tokenizer, prompts, option_ids, batch_size):
     return np.concatenate(out)
 
 
+def test_onednn_lora_layers_run_the_active_adapter_merged(tiny_model_dir, tmp_path):
+    """With the linear layers through oneDNN, each LoRA layer runs the active adapter merged into a packed copy of
+    its base weight (``onednn_linears``): for each adapter and for the base model (adapters disabled) the logits equal
+    PEFT's own way (three products and an addition, which the model takes with gradients on), after switching back
+    and forth; an adapter whose weights change in place is merged again; the base weights are never touched."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from politune.inference import load_with_adapters, onednn_available, onednn_linears, use
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN linear layer")
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+        for key, param in peft.named_parameters():
+            if "lora_B" in key:  # B is zero at initialisation
+                torch.nn.init.normal_(param, std=0.5)
+        peft.save_pretrained(tmp_path / name)
+    model, _ = load_with_adapters(tiny_model_dir, {"a": tmp_path / "a", "b": tmp_path / "b"})
+    ids = torch.randint(0, 1000, (3, 9))
+
+    def logits(name: str, peft_way: bool = False):
+        with use(model, name), torch.set_grad_enabled(peft_way):
+            return model(input_ids=ids).logits.detach()
+
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    assert onednn_linears(model, min_features=16) == 2 * 7 + 1  # the tiny model's layers; not the rank-4 matrices
+    merged = [m for m in model.modules() if type(m).__name__ == "OneDNNLoRA"]
+    assert len(merged) == 2 * 3
+    peft_way = {name: logits(name, peft_way=True) for name in ("base", "a", "b")}
+    assert (peft_way["a"] - peft_way["b"]).abs().max() > 1e-2 < (peft_way["a"] - peft_way["base"]).abs().max()
+    for name in ("a", "b", "base", "a", "b"):
+        assert torch.allclose(logits(name), peft_way[name], atol=1e-4), name
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_B.a." in key:
+                param.mul_(2.0)
+    assert (logits("a", peft_way=True) - peft_way["a"]).abs().max() > 1e-2
+    assert torch.allclose(logits("a"), logits("a", peft_way=True), atol=1e-4)
+    assert all(torch.equal(p, before[id(p)]) for k, p in model.named_parameters() if "lora_B.a." not in k)
+
+
 @pytest.mark.slow
 def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_path):
     """The evaluate-equivalence check (issue 18): on SmolLM2, as base and with a LoRA adapter that changes its
