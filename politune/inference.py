@@ -79,8 +79,10 @@ def onednn_linears(model, min_features: int = 64) -> int:
     ``tests/test_evaluate.py``). Each layer keeps its dense weight (read by PEFT and by tied embeddings) beside a
     oneDNN-packed copy of it, packed again if the dense weight is changed in place. A PEFT LoRA layer on such a layer
     runs the active adapter merged into a packed copy of the base weight (``OneDNNLoRA``): one product instead of
-    three and an addition. Call it after the adapters are loaded. Nothing is changed on a GPU, for other dtypes, or
-    where this torch has no oneDNN (``onednn_available``); with gradients on, every layer runs as before.
+    three and an addition. A gated SiLU MLP whose gate and up layers are swapped computes its activation and
+    product in those layers' epilogues (``OneDNNMLP``). Call it after the adapters are loaded. Nothing is changed
+    on a GPU, for other dtypes, or where this torch has no oneDNN (``onednn_available``); with gradients on, every
+    layer runs as before.
     """
     import torch
 
@@ -110,18 +112,22 @@ def onednn_linears(model, min_features: int = 64) -> int:
         def product(self, x, packed):
             return torch.ops.mkldnn._linear_pointwise(x, packed, self.dense.bias, "none", [], "")
 
+        def current(self):
+            """The packed weight, packed again if the dense weight was changed in place (e.g. PEFT's merge)."""
+            if self.dense.weight._version != self.packed_version:
+                self.packed, self.packed_version = pack(self.dense.weight), self.dense.weight._version
+            return self.packed
+
         def forward(self, x):
             if x.dtype != torch.float32 or torch.is_grad_enabled():
                 return self.dense(x)
-            if self.dense.weight._version != self.packed_version:  # changed in place (e.g. PEFT's merge)
-                self.packed, self.packed_version = pack(self.dense.weight), self.dense.weight._version
-            return self.product(x, self.packed)
+            return self.product(x, self.current())
 
     class OneDNNLoRA(torch.nn.Module):
         """A PEFT LoRA linear layer (kept as ``lora``: PEFT's ``set_adapter`` and ``disable_adapter`` still set its
         state) whose base layer runs through oneDNN: with one plain LoRA adapter active, x @ (W + scaling B A)^T in
-        one packed product. The merged copy is made when an adapter is first run after another (a few hundred
-        milliseconds for all of a 135M model's layers) and only the last one is kept, so memory stays at one copy of
+        one packed product. The merged copy is made when an adapter is first run after another (about 80 ms for
+        the 120 adapted layers of the default model) and only the last one is kept, so memory stays at one copy of
         the adapted layers whatever the number of adapters."""
 
         onednn = True
@@ -131,20 +137,57 @@ def onednn_linears(model, min_features: int = 64) -> int:
             self.lora = lora
             self.merged_key, self.merged = None, None
 
-        def forward(self, x, *args, **kwargs):
+        @property
+        def bias(self):
+            return self.lora.base_layer.bias
+
+        def current(self):
+            """The packed weight of the layer as it is set now (base, or base and the active adapter merged), or
+            None where PEFT's own forward must run: merged in place by PEFT, several adapters active, a DoRA-like
+            variant, or a LoRA bias."""
             lora, base = self.lora, self.lora.base_layer
-            if args or kwargs or x.dtype != torch.float32 or torch.is_grad_enabled() or lora.merged:
-                return lora(x, *args, **kwargs)
+            if lora.merged:
+                return None
             if lora.disable_adapters:
-                return base(x)
+                return base.current()
             active = [a for a in lora.active_adapters if a in lora.lora_A]
-            if len(active) != 1 or active[0] in lora.lora_variant:  # none, several, or DoRA-like: PEFT's own way
-                return lora(x)
+            if len(active) != 1 or active[0] in lora.lora_variant or getattr(lora, "lora_bias", {}).get(active[0]):
+                return None
             name = active[0]
             key = (name, base.weight._version, lora.lora_A[name].weight._version, lora.lora_B[name].weight._version)
             if key != self.merged_key:
                 self.merged_key, self.merged = key, pack(base.weight + lora.get_delta_weight(name))
-            return base.product(x, self.merged)
+            return self.merged
+
+        def forward(self, x, *args, **kwargs):
+            lora = self.lora
+            if args or kwargs or x.dtype != torch.float32 or torch.is_grad_enabled():
+                return lora(x, *args, **kwargs)
+            packed = self.current()
+            return lora(x) if packed is None else lora.base_layer.product(x, packed)
+
+    class OneDNNMLP(torch.nn.Module):
+        """A gated MLP, down(silu(gate(x)) * up(x)) (Llama's, Mistral's, Qwen's), whose gate and up layers run
+        through oneDNN (plain or ``OneDNNLoRA``): the SiLU is applied in the gate product's epilogue and the
+        multiplication by it in the up product's, instead of two more passes over the activations (a 576 -> 1536 ->
+        576 MLP over 880 positions: 13.0 -> 11.3 ms here). Kept as ``mlp``; its own forward runs with gradients on,
+        for other dtypes, and where a layer must run PEFT's way."""
+
+        onednn = True
+
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            mlp = self.mlp
+            if x.dtype != torch.float32 or torch.is_grad_enabled():
+                return mlp(x)
+            gate, up = mlp.gate_proj.current(), mlp.up_proj.current()
+            if gate is None or up is None:
+                return mlp(x)
+            gated = torch.ops.mkldnn._linear_pointwise(x, gate, mlp.gate_proj.bias, "swish", [], "")
+            return mlp.down_proj(torch.ops.mkldnn._linear_pointwise.binary(x, gated, up, mlp.up_proj.bias, "mul"))
 
     swapped = 0
     for module in list(model.modules()):
@@ -158,13 +201,19 @@ def onednn_linears(model, min_features: int = 64) -> int:
     try:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:
-        return swapped
+        LoraLinear = None
     for module in list(model.modules()):
         if getattr(module, "onednn", False):  # a layer swapped here, or by an earlier call
             continue
         for name, child in list(module.named_children()):
-            if type(child) is LoraLinear and isinstance(child.base_layer, OneDNNLinear):
+            if LoraLinear is not None and type(child) is LoraLinear and isinstance(child.base_layer, OneDNNLinear):
                 setattr(module, name, OneDNNLoRA(child))
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if (type(getattr(child, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
+                    and all(hasattr(getattr(child, p, None), "current") for p in ("gate_proj", "up_proj"))
+                    and hasattr(child, "down_proj") and not getattr(child, "onednn", False)):
+                setattr(module, name, OneDNNMLP(child))
     return swapped
 
 

@@ -157,6 +157,48 @@ def test_onednn_lora_layers_run_the_active_adapter_merged(tiny_model_dir, tmp_pa
     assert all(torch.equal(p, before[id(p)]) for k, p in model.named_parameters() if "lora_B.a." not in k)
 
 
+def test_onednn_mlp_applies_its_activation_in_the_products(tiny_model_dir, tmp_path):
+    """A gated SiLU MLP whose gate and up layers run through oneDNN computes silu(gate(x)) * up(x) in the two
+    products' epilogues (``OneDNNMLP``) and never its own forward: the logits equal the model's own MLP (which it
+    runs with gradients on), for the base model and for an adapter on the MLP's layers (merged, ``OneDNNLoRA``);
+    an MLP with another activation is left as it is."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from politune.inference import load_with_adapters, onednn_available, onednn_linears, use
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN linear layer")
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for key, param in peft.named_parameters():
+        if "lora_B" in key:  # B is zero at initialisation
+            torch.nn.init.normal_(param, std=0.5)
+    peft.save_pretrained(tmp_path / "a")
+    model, _ = load_with_adapters(tiny_model_dir, {"a": tmp_path / "a"})
+    layers = model.get_base_model().model.layers
+    layers[1].mlp.act_fn = torch.nn.GELU()  # not a SiLU: left to its own forward
+    ids = torch.randint(0, 1000, (3, 9))
+
+    def logits(name: str, own_way: bool = False):
+        with use(model, name), torch.set_grad_enabled(own_way):
+            return model(input_ids=ids).logits.detach()
+
+    own_way = {name: logits(name, own_way=True) for name in ("base", "a")}
+    assert (own_way["a"] - own_way["base"]).abs().max() > 1e-2
+    onednn_linears(model, min_features=16)
+    assert [type(layer.mlp).__name__ for layer in layers] == ["OneDNNMLP", "LlamaMLP"]
+
+    def own_forward(x):
+        raise AssertionError("the MLP's own forward ran")
+
+    layers[0].mlp.mlp.forward = own_forward  # the products' epilogues or nothing
+    for name in ("a", "base", "a"):
+        assert torch.allclose(logits(name), own_way[name], atol=1e-4), name
+
+
 @pytest.mark.slow
 def test_shared_prefix_forced_choice_gives_the_plain_answers(smollm2_dir, tmp_path):
     """The evaluate-equivalence check (issue 18): on SmolLM2, as base and with a LoRA adapter that changes its
