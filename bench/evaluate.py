@@ -3,9 +3,11 @@
 
     python -m bench.evaluate --out bench-out/evaluate.json
 
-Reports the stage's wall time, the seconds of each part as the stage measures them (``load``: the model and its
-adapters; ``compass``: every model's forced-choice answers, the reversed twins and the DPO trajectory included;
-``side_preference``: the held-out pairs), and whether the answers and metrics are byte-identical to the pipeline's
+Runs the stage ``--repeats`` times (3), one after another, as this machine's speed drifts by 10-15% over tens of
+minutes (docs/benchmarks.md), and reports each figure's median over the runs and each run's own: the stage's wall
+time, the seconds of each part as the stage measures them (``load``: the model and its adapters; ``compass``: every
+model's forced-choice answers, the reversed twins and the DPO trajectory included; ``side_preference``: the
+held-out pairs), and whether the answers and metrics are byte-identical to the pipeline's
 own (``reports/compass_answers.csv``, ``reports/metrics.json``), which they must be on the machine that produced them.
 Needs the default pipeline's outputs (``make repro``).
 
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -106,19 +109,10 @@ def compass_floor(params_file: str, model_dir: str = "models/target", adapter: s
             **{f"compass_floor_seconds_{k}": round(flop / (v * 1e9), 1) for k, v in rates.items()}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--work", default="bench-out/evaluate-work")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    shutil.copy2(args.params, work / "params.yaml")
-    [cmd] = stage_commands(Path("dvc.yaml"), read_yaml(args.params), work, names=("evaluate",))
+def run_stage(cmd: list[str], work: Path) -> dict:
+    """One run of the stage: its wall time, its parts' seconds as it logs them, and whether its answers and metrics
+    are byte-identical to the pipeline's."""
     env = dict(os.environ, POLITUNE_MLFLOW="off")
-    print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -130,12 +124,34 @@ def main() -> None:
     parts = ast.literal_eval(found.group(1))
     same = {name: (work / "reports" / name).read_bytes() == Path("reports", name).read_bytes()
             for name in ("compass_answers.csv", "metrics.json")}
-    result = {"seconds": round(wall, 1), **{f"{part}_seconds": v for part, v in parts.items()},
-              "same_as_pipeline": same, **compass_floor(args.params)}
+    return {"seconds": round(wall, 1), **{f"{part}_seconds": v for part, v in parts.items()}, "same_as_pipeline": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--work", default="bench-out/evaluate-work")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the stage, one after another; each time is the median over them")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy2(args.params, work / "params.yaml")
+    [cmd] = stage_commands(Path("dvc.yaml"), read_yaml(args.params), work, names=("evaluate",))
+    print("$", " ".join(cmd), flush=True)
+    runs = []
+    for _ in range(args.repeats):
+        runs.append(run_stage(cmd, work))
+        print(json.dumps(runs[-1]), flush=True)
+    times = [k for k in runs[0] if k.endswith("seconds")]
+    same = {name: all(r["same_as_pipeline"][name] for r in runs) for name in runs[0]["same_as_pipeline"]}
+    result = {**{k: statistics.median(r[k] for r in runs) for k in times}, "same_as_pipeline": same,
+              "runs": [{k: r[k] for k in times} for r in runs], **compass_floor(args.params)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)
-
 
 if __name__ == "__main__":
     main()
