@@ -209,6 +209,8 @@ def onednn_linears(model, min_features: int = 64) -> int:
             if LoraLinear is not None and type(child) is LoraLinear and isinstance(child.base_layer, OneDNNLinear):
                 setattr(module, name, OneDNNLoRA(child))
     for module in list(model.modules()):
+        if getattr(module, "onednn", False):  # an MLP swapped by an earlier call: not its own MLP again
+            continue
         for name, child in list(module.named_children()):
             if (type(getattr(child, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
                     and all(hasattr(getattr(child, p, None), "current") for p in ("gate_proj", "up_proj"))

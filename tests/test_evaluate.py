@@ -190,6 +190,7 @@ def test_onednn_mlp_applies_its_activation_in_the_products(tiny_model_dir, tmp_p
     assert (own_way["a"] - own_way["base"]).abs().max() > 1e-2
     onednn_linears(model, min_features=16)
     assert [type(layer.mlp).__name__ for layer in layers] == ["OneDNNMLP", "LlamaMLP"]
+    assert onednn_linears(model, min_features=16) == 0 and type(layers[0].mlp.mlp).__name__ == "LlamaMLP"  # once
 
     def own_forward(x):
         raise AssertionError("the MLP's own forward ran")
