@@ -189,33 +189,44 @@ def onednn_linears(model, min_features: int = 64) -> int:
             gated = torch.ops.mkldnn._linear_pointwise(x, gate, mlp.gate_proj.bias, "swish", [], "")
             return mlp.down_proj(torch.ops.mkldnn._linear_pointwise.binary(x, gated, up, mlp.up_proj.bias, "mul"))
 
-    swapped = 0
-    for module in list(model.modules()):
-        if getattr(module, "onednn", False):  # swapped by an earlier call
-            continue
-        for name, child in list(module.named_children()):
-            if (type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
-                    and min(child.in_features, child.out_features) >= min_features):
-                setattr(module, name, OneDNNLinear(child))
-                swapped += 1
+    def swap(wrap) -> int:
+        """Replace each child for which ``wrap`` returns a module, outside the modules swapped before (here or by an
+        earlier call: what they hold stays as it is); returns how many."""
+        count = 0
+        for module in list(model.modules()):
+            if getattr(module, "onednn", False):
+                continue
+            for name, child in list(module.named_children()):
+                new = None if getattr(child, "onednn", False) else wrap(child)
+                if new is not None:
+                    setattr(module, name, new)
+                    count += 1
+        return count
+
+    def linear(child):
+        if (type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
+                and min(child.in_features, child.out_features) >= min_features):
+            return OneDNNLinear(child)
+        return None
+
     try:
         from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
+    except ImportError:  # no PEFT, no LoRA layers
         LoraLinear = None
-    for module in list(model.modules()):
-        if getattr(module, "onednn", False):  # a layer swapped here, or by an earlier call
-            continue
-        for name, child in list(module.named_children()):
-            if LoraLinear is not None and type(child) is LoraLinear and isinstance(child.base_layer, OneDNNLinear):
-                setattr(module, name, OneDNNLoRA(child))
-    for module in list(model.modules()):
-        if getattr(module, "onednn", False):  # an MLP swapped by an earlier call: not its own MLP again
-            continue
-        for name, child in list(module.named_children()):
-            if (type(getattr(child, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
-                    and all(hasattr(getattr(child, p, None), "current") for p in ("gate_proj", "up_proj"))
-                    and hasattr(child, "down_proj") and not getattr(child, "onednn", False)):
-                setattr(module, name, OneDNNMLP(child))
+
+    def lora(child):
+        return OneDNNLoRA(child) if type(child) is LoraLinear and isinstance(child.base_layer, OneDNNLinear) else None
+
+    def gated_mlp(child):
+        if (type(getattr(child, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")  # torch's, transformers'
+                and all(hasattr(getattr(child, p, None), "current") for p in ("gate_proj", "up_proj"))
+                and hasattr(child, "down_proj")):
+            return OneDNNMLP(child)
+        return None
+
+    swapped = swap(linear)  # in this order: a LoRA layer wraps a swapped base layer, an MLP swapped projections
+    swap(lora)
+    swap(gated_mlp)
     return swapped
 
 
