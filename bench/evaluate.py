@@ -7,8 +7,8 @@ Runs the stage ``--repeats`` times (3), one after another, as this machine's spe
 minutes (docs/benchmarks.md), and reports each figure's median over the runs and each run's own: the stage's wall
 time, the seconds of each part as the stage measures them (``load``: the model and its adapters; ``compass``: every
 model's forced-choice answers, the reversed twins and the DPO trajectory included; ``side_preference``: the
-held-out pairs), and whether the answers and metrics are byte-identical to the pipeline's
-own (``reports/compass_answers.csv``, ``reports/metrics.json``), which they must be on the machine that produced them.
+held-out pairs), and whether the answers and metrics are byte-identical to the pipeline's own
+(``reports/compass_answers.csv``, ``reports/metrics.json``), which they must be on the machine that produced them.
 Needs the default pipeline's outputs (``make repro``).
 
 It also gives the compass part's floor on this machine: the matrix products the forced choice cannot avoid (every
@@ -152,6 +152,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)
+
 
 if __name__ == "__main__":
     main()
