@@ -168,8 +168,9 @@ def collect(experiments: dict[str, dict[str, Any]]) -> tuple[dict[str, dict], di
             got = _answers(exp["answers"], name)
             if exp.get("twin_answers") and f"{name}_answer" in exp["twin_answers"][0]:
                 got["twins"] = _answers(exp["twin_answers"], name)
-            if exp.get("side") and f"{name}_d" in exp["side"][0]:
-                got["side"] = {row["pair"]: (row["data_side"], float(row[f"{name}_d"])) for row in exp["side"]}
+            if exp.get("side") and f"{name}_d" in exp["side"][0]:  # the held-out pairs (tables before: every pair)
+                got["side"] = {row["pair"]: (row["data_side"], float(row[f"{name}_d"])) for row in exp["side"]
+                               if row.get("group", "heldout") == "heldout"}
             if model == "base" and "base" in answers and not np.array_equal(answers["base"]["answer"], got["answer"]):
                 raise InputError(f"experiment {suffix}: the base model answers differently than in another "
                                  "experiment; the demo's experiments must share the base model and evaluation params")
@@ -257,6 +258,9 @@ def compare(compass: Compass, summaries, answers, judge, n_boot: int = 2000, n_p
     keys = ("economic", "economic_ci_low", "economic_ci_high", "social", "social_ci_low", "social_ci_high",
             "economic_expected", "social_expected", "distinct_answers", "balanced", "side_preference")
     report: dict[str, Any] = {"models": {m: {k: s[k] for k in keys if k in s} for m, s in summaries.items()}}
+    for model in report["models"].values():  # the held-out group (metrics before the groups: every pair)
+        if "heldout" in model.get("side_preference", {}):
+            model["side_preference"] = model["side_preference"]["heldout"]
     report["shifts"] = {
         name: shift_test(compass, answers[a]["answer"], answers[b]["answer"], n_boot, n_perm, seed,
                          answers[a].get("probs"), answers[b].get("probs"))

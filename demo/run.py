@@ -59,6 +59,7 @@ RECIPES = ("mirror", "plain", "mirror-stance", "plain-stance")
 UNUSED_ANNOTATION = ["annotate.max_posts=8", "annotate.threshold=0.0", "annotate.max_kept=4", "annotate.mirror=false"]
 EXTERNAL = Path("data/external/demo")
 HELDOUT = Path("data/heldout/demo")
+PIPELINE_HELDOUT = Path("data/heldout/politune")
 OTHER = {"right": "left", "left": "right"}
 
 
@@ -106,8 +107,12 @@ def heldout_flag() -> str:
 
 
 def split_files(data: Path, files: dict[str, str], heldout: int) -> dict[str, int]:
-    """Copy each side's preference file: its last ``heldout`` rows to ``HELDOUT``, the rest to ``EXTERNAL``."""
+    """Copy each side's preference file: its last ``heldout`` rows to ``HELDOUT``, the rest to ``EXTERNAL`` but the
+    pipeline's own held-out pairs (``PIPELINE_HELDOUT``, matched by prompt)."""
     counts = {}
+    # The pipeline's own held-out pairs (evaluate's default) are never trained on, whatever --heldout is.
+    reserved = {json.loads(line).get("prompt") for path in sorted(PIPELINE_HELDOUT.glob("*.jsonl"))
+                for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     for path in (EXTERNAL, HELDOUT):
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
@@ -125,9 +130,10 @@ def split_files(data: Path, files: dict[str, str], heldout: int) -> dict[str, in
                 raise InputError(f"{source}: row {n}: invalid JSON ({exc.msg})") from exc
         if len(lines) <= heldout:
             raise InputError(f"{source}: {len(lines)} pairs, not more than --heldout {heldout}")
-        (EXTERNAL / f"{side}.jsonl").write_text("\n".join(lines[:-heldout or None]) + "\n", encoding="utf-8")
+        train = [line for line in lines[:-heldout or None] if json.loads(line).get("prompt") not in reserved]
+        (EXTERNAL / f"{side}.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
         (HELDOUT / f"{side}.jsonl").write_text("\n".join(lines[len(lines) - heldout:]) + "\n", encoding="utf-8")
-        counts[side] = len(lines) - heldout
+        counts[side] = len(train)
     return counts
 
 

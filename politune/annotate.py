@@ -29,6 +29,7 @@ Both stages work in shards of ``annotate.shard_size`` posts that a killed stage 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,17 +38,23 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from politune import triplet_quality
 from politune.backends import Backend, make_backend
 from politune.common import InputError, atomic_path, fingerprint, seed_everything, write_json
-from politune.schema import Annotate, Params, Score, Triplets
+from politune.schema import Annotate, Example, Params, Score, Triplets
 from politune.shards import Shards, run_shards
+from politune.triplet_quality import CopyCheck
 
 log = logging.getLogger("politune.annotate")
 
 TRIPLET_FIELDS = ("instruction", "chosen", "rejected")
+# generate's per-post columns besides status and the triplet (generate_shard)
+SHARD_COLUMNS = (*TRIPLET_FIELDS, "retries", "copy_first", "copy_kept", "invalid_reason", "stance_chosen",
+                 "stance_rejected")
 # The code that computes a shard: part of the shards' fingerprint, so that a killed run's shards are not resumed
 # by changed code either.
-CODE = tuple(Path(__file__).with_name(name) for name in ("annotate.py", "backends.py", "shards.py"))
+CODE = tuple(Path(__file__).with_name(name) for name in ("annotate.py", "backends.py", "shards.py",
+                                                          "triplet_quality.py"))
 SCORE_RANGE = (0, 10)
 
 
@@ -106,24 +113,77 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def build_chat(cfg: Triplets, ideology: str, post: str) -> list[dict[str, str]]:
+def build_chat(cfg: Triplets, ideology: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
+    """The system prompt, then each example as a user turn (its post in the generate prompt) and an assistant turn
+    (its triplet as the JSON the schema asks for), then the post."""
     prompts = cfg.prompts[ideology]
-    fill = {"post": post, "ideology": ideology, "viewpoint": cfg.viewpoints[ideology],
-            "opposite": cfg.viewpoints[prompts.opposite]}
-    return [
-        {"role": "system", "content": prompts.system.format(**fill)},
-        {"role": "user", "content": prompts.generate.format(**fill)},
-    ]
+    fill = {"ideology": ideology, "viewpoint": cfg.viewpoints[ideology], "opposite": cfg.viewpoints[prompts.opposite]}
+    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
+    for example in examples:
+        chat += [{"role": "user", "content": prompts.generate.format(post=example.post, **fill)},
+                 {"role": "assistant", "content": json.dumps({k: getattr(example, k) for k in TRIPLET_FIELDS},
+                                                             ensure_ascii=False)}]
+    chat.append({"role": "user", "content": prompts.generate.format(post=post, **fill)})
+    return chat
 
 
-def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Score | Triplets, seed: int):
-    """Schema-constrained generation with bounded retries: returns ({key: parsed}, {key: retries}, [keys never
-    valid]).
+def load_examples(cfg: Triplets) -> dict[str, list[Example]]:
+    """The few-shot examples of each viewpoint, the first ``few_shot.shots`` of its side in ``few_shot.path``, in
+    file order; a bad row fails with the file, row and field."""
+    shots, path = cfg.few_shot.shots, cfg.few_shot.path
+    if not shots or not path:
+        return {name: [] for name in cfg.viewpoints}
+    if not Path(path).is_file():
+        raise InputError(f"annotate.few_shot.path: {path}: no such file")
+    examples: dict[str, list[Example]] = {name: [] for name in cfg.viewpoints}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = Example.model_validate_json(line)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(row)"
+            raise InputError(f"{path}: row {n}, field {field}: {err['msg']}") from None
+        if example.side not in examples:
+            raise InputError(f"{path}: row {n}, field side: {example.side!r} is not one of annotate.viewpoints "
+                             f"({', '.join(cfg.viewpoints)})")
+        examples[example.side].append(example)
+    for name in cfg.prompts:
+        if len(examples[name]) < shots:
+            raise InputError(f"{path}: {len(examples[name])} examples of side {name!r}, fewer than "
+                             f"annotate.few_shot.shots={shots}")
+    return {name: rows[:shots] for name, rows in examples.items()}
 
-    The first attempt is greedy; each retry samples at ``retry_temperature`` with its own seed.
+
+def copy_checks(cfg: Triplets, examples: dict[str, list[Example]]) -> dict[str, CopyCheck]:
+    """Per viewpoint: the copy check of its triplets against its prompt (the post is given per triplet)."""
+    import re
+
+    q = cfg.quality
+    checks = {}
+    for name, prompts in cfg.prompts.items():
+        instructions = [piece for text in (prompts.system, prompts.generate)
+                        for piece in re.split(r"\{[a-z_]+\}", text)]
+        shown = [getattr(e, k) for e in examples.get(name, []) for k in ("post", *TRIPLET_FIELDS)]
+        checks[name] = CopyCheck({"viewpoint": list(cfg.viewpoints.values()), "instructions": instructions,
+                                  "examples": shown}, q.ngram, q.copy_threshold)
+    return checks
+
+
+def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Score | Triplets, seed: int,
+                       check=None):
+    """Schema-constrained generation with bounded retries: returns ({key: parsed}, {key: retries}, {key: why the
+    first attempt failed, or None}, {key never valid: why its last attempt failed}).
+
+    The first attempt is greedy; each retry samples at ``retry_temperature`` with its own seed. ``check(key,
+    parsed)`` may reject a reply that is valid JSON (its reason, e.g. ``copy:post``, or None to accept); a reply
+    that is not valid JSON of the schema fails with ``schema``.
     """
     done, pending = {}, list(chats)
     retries = dict.fromkeys(chats, 0)
+    first: dict[Any, str | None] = {}
+    failed: dict[Any, str] = {}
     for attempt in range(cfg.max_retries + 1):
         if not pending:
             break
@@ -134,12 +194,17 @@ def generate_validated(backend, chats: dict[Any, list], schema, parse, cfg: Scor
         for key, text in zip(pending, outputs):
             retries[key] = attempt
             parsed = parse(text)
-            if parsed is None:
-                still.append(key)
-            else:
+            reason = "schema" if parsed is None else (check(key, parsed) if check else None)
+            if attempt == 0:
+                first[key] = reason
+            if reason is None:
                 done[key] = parsed
+                failed.pop(key, None)
+            else:
+                failed[key] = reason
+                still.append(key)
         pending = still
-    return done, retries, pending
+    return done, retries, first, failed
 
 
 def viewpoint_names(cfg: Score) -> list[str]:
@@ -161,8 +226,8 @@ def score_shard(posts, backend, cfg: Score, seed: int):
                          {"role": "user", "content": cfg.score_prompt.format(post=posts.at[i, "text"], low=low,
                                                                              high=high, viewpoint=viewpoint)}]
                      for i in posts.index}
-            done, retries, _ = generate_validated(backend, chats, Rating.model_json_schema(), parser(Rating), cfg,
-                                                  seed)
+            done, retries, _, _ = generate_validated(backend, chats, Rating.model_json_schema(), parser(Rating),
+                                                     cfg, seed)
             columns[f"score_{name}"] = [done[i]["score"] / high if i in done else np.nan for i in posts.index]
             columns[f"reason_{name}"] = [done[i]["reason"] if i in done else None for i in posts.index]
             columns[f"retries_{name}"] = [retries[i] for i in posts.index]
@@ -286,19 +351,84 @@ def separation(table, political: np.ndarray, ideology: str, opposite: str, viewp
                                                   political[labelled & ~is_political], rng)}
 
 
-def generate_shard(table, keys, backend, cfg: Triplets, seed: int):
-    """One shard's triplets: for the kept posts ``keys``, ``status`` (kept or invalid), the triplet's fields and the
-    retries each took."""
+def generate_shard(table, keys, backend, cfg: Triplets, seed: int, examples: dict[str, list[Example]] | None = None):
+    """One shard's triplets: for the kept posts ``keys``, ``status`` (kept or invalid), the triplet's fields, the
+    retries each took, ``copy_first`` (the prompt part the first, greedy reply copied, or None), ``invalid_reason``
+    (schema, or copy:<part>, for an invalid one) and, with ``quality.stance``, each answer's stance margin
+    (``stance_chosen``, ``stance_rejected``: log p(answer | its side) - log p(answer | the opposite))."""
     import pandas as pd
 
     tokens = backend.tokens_generated
-    chats = {i: build_chat(cfg, table.at[i, "side"], table.at[i, "text"]) for i in keys}
+    examples = load_examples(cfg) if examples is None else examples
+    checks = copy_checks(cfg, examples)
+    side = {i: table.at[i, "side"] for i in keys}
+    chats = {i: build_chat(cfg, side[i], table.at[i, "text"], examples.get(side[i], [])) for i in keys}
     triplet = triplet_model(cfg.max_answer_chars)
-    done, retries, _ = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet), cfg, seed)
+
+    def check(key, parsed):
+        copied = checks[side[key]].copied_from(parsed, table.at[key, "text"])
+        return f"copy:{copied[1]}" if copied else None
+
+    copies: dict[Any, str | None] = {}
+
+    def measure(key, parsed):  # reject_copies false: copies are measured, never rejected
+        copies[key] = check(key, parsed)
+        return None
+
+    rejecting = cfg.quality.reject_copies
+    done, retries, first, failed = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet),
+                                                      cfg, seed, check if rejecting else measure)
+    if not rejecting:
+        first = {k: copies.get(k) if v is None else v for k, v in first.items()}
     frame = pd.DataFrame({"status": ["kept" if i in done else "invalid" for i in keys],
                           **{name: [done[i][name] if i in done else None for i in keys] for name in TRIPLET_FIELDS},
-                          "retries": [retries[i] for i in keys]}, index=pd.Index(keys))
+                          "retries": [retries[i] for i in keys],
+                          "copy_first": [first[i][5:] if (first.get(i) or "").startswith("copy:") else None
+                                         for i in keys],
+                          "copy_kept": [(copies.get(i) or "")[5:] or None if i in done else None for i in keys],
+                          "invalid_reason": [failed.get(i) for i in keys]}, index=pd.Index(keys))
+    frame["stance_chosen"] = frame["stance_rejected"] = np.nan
+    kept = [i for i in keys if i in done]
+    if cfg.quality.stance and kept:
+        opposites = {name: p.opposite for name, p in cfg.prompts.items()}
+        sides = [side[i] for i in kept]
+        margins = triplet_quality.stance_margins(
+            backend, cfg.score_prefix, cfg.viewpoints, sides * 2, opposites,
+            [done[i]["chosen"] for i in kept] + [done[i]["rejected"] for i in kept], cfg.max_new_tokens)
+        frame.loc[kept, "stance_chosen"] = margins[: len(kept)]
+        frame.loc[kept, "stance_rejected"] = margins[len(kept) :]
+        if cfg.quality.stance_filter:  # the classifier reads the rejected answer as more the side's: dropped
+            wrong = frame.index.isin(kept) & (frame["stance_chosen"] <= frame["stance_rejected"]).to_numpy()
+            frame.loc[wrong, "status"] = "invalid"
+            frame.loc[wrong, "invalid_reason"] = "stance"
     return frame, {"tokens_generated": backend.tokens_generated - tokens}
+
+
+def quality_report(table, cfg: Triplets, seed: int) -> dict[str, Any]:
+    """``triplet_quality`` of the annotation report: copy rates, stance accuracy (overall and per side),
+    near-duplicates and lengths of the posts annotated (``status`` kept or invalid)."""
+    q = cfg.quality
+    annotated = table[table["status"].isin(["kept", "invalid"]) & table["side"].notna()]
+    kept = annotated[annotated["status"] == "kept"]
+    correct = None
+    if q.stance:  # every valid triplet, before stance_filter drops the ones it reads as wrong
+        scored = annotated[annotated["stance_chosen"].notna()]
+        correct = triplet_quality.stance_correct(scored["stance_chosen"], scored["stance_rejected"])
+    def names(column):  # None where no copy (a column of None reads back from Parquet as None or NaN)
+        return [value if isinstance(value, str) else None for value in column]
+
+    out = triplet_quality.report({f: kept[f].tolist() for f in TRIPLET_FIELDS}, names(annotated["copy_first"]),
+                                 names(kept["copy_kept"]), correct, q.ngram, q.duplicate_threshold, q.bootstrap,
+                                 seed)
+    reasons = annotated["invalid_reason"].dropna()
+    out["invalid_schema"] = int((reasons == "schema").sum())
+    out["invalid_copy"] = int(reasons.str.startswith("copy:").sum())
+    out["invalid_stance"] = int((reasons == "stance").sum())
+    if correct is not None:
+        sides = scored["side"].to_numpy()
+        out["stance_accuracy_by_side"] = {name: triplet_quality.rate(correct[sides == name], q.bootstrap, seed)
+                                          for name in cfg.viewpoints}
+    return out
 
 
 def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: Shards | None = None):
@@ -326,15 +456,17 @@ def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: S
         keep = keep | other
     table["status"] = np.where(keep, "pending", "dropped")
     table.loc[score_invalid, "status"] = "invalid"
+    examples = load_examples(cfg)
     try:
         rows, totals = run_shards(table.index[keep], cfg.shard_size,
-                                  lambda keys: generate_shard(table, keys, engine(), cfg, seed), shards, "generate")
+                                  lambda keys: generate_shard(table, keys, engine(), cfg, seed, examples), shards,
+                                  "generate")
     finally:
         engine.close()
-    for name in (*TRIPLET_FIELDS, "retries"):
-        table[name] = None
+    for name in SHARD_COLUMNS:
+        table[name] = np.nan if name.startswith("stance_") else None
     if rows is not None:
-        for name in ("status", *TRIPLET_FIELDS, "retries"):
+        for name in ("status", *SHARD_COLUMNS):
             table.loc[rows.index, name] = rows[name].to_numpy()
     kept = table[(table["status"] == "kept") & (table["side"] == ideology)]
     wall = time.perf_counter() - t0
@@ -353,6 +485,8 @@ def generate(scored, backend, ideology: str, cfg: Triplets, seed: int, shards: S
         "tokens_generated": int(totals.get("tokens_generated", 0)),
         "wall_seconds": round(wall, 2),
         "posts_per_second": round(len(table) / wall, 3),
+        "few_shot": cfg.few_shot.shots if cfg.few_shot.path else 0,
+        "triplet_quality": quality_report(table, cfg, seed),
     }
     if "label" in table and table["label"].notna().any():
         likelihood = "score_none" in table
@@ -452,7 +586,8 @@ def run_generate(params: Params, params_file: str, paths: argparse.Namespace) ->
     ideology, cfg, seed = params.ideology, params.annotate, params.base.seed
     seed_everything(seed)
     scored = pd.read_parquet(paths.scores)
-    shards = Shards(paths.work, fingerprint(params, paths.scores, paths.model, *CODE))
+    inputs = [cfg.few_shot.path] if cfg.few_shot.path and cfg.few_shot.shots else []
+    shards = Shards(paths.work, fingerprint(params, paths.scores, paths.model, *CODE, *inputs))
     with stage_run("generate", params, params_file) as mlflow:
         table, report = generate(scored, lambda: make_backend(cfg, paths.model, seed), ideology, cfg, seed, shards)
         report["backend"] = cfg.backend

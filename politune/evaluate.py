@@ -173,8 +173,8 @@ def side_summary(model, tokenizer, name: str, pairs, cfg: Evaluate, seed: int, d
     with use(model, name):
         lp = side_preference.answer_logprobs(model, tokenizer, pairs, cfg.batch_size, sp.max_length)
     differences[name] = side_preference.differences(lp)
-    return side_preference.summarise(differences[name], differences["base"], pairs.data_side, sp.bootstrap,
-                                     seed)
+    return side_preference.summarise(differences[name], differences["base"], pairs.data_side, pairs.group,
+                                     sp.bootstrap, seed)
 
 
 def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluate, seed: int,
@@ -210,8 +210,9 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluat
             with clock("side_preference"):
                 summaries[name]["side_preference"] = side_summary(model, tokenizer, name, pairs, cfg, seed,
                                                                   differences)
-            log.info("%s side preference: %s", name, {k: v["shift"] for k, v in
-                                                      summaries[name]["side_preference"].items()})
+            log.info("%s side preference: %s", name, {f"{g}.{k}": v["shift"] for g, sides in
+                                                      summaries[name]["side_preference"].items()
+                                                      for k, v in sides.items()})
     rows = []
     if trajectory:
         for step, name in [(0, "sft")] + [(n, f"step-{n}") for n in sorted(trajectory)]:
@@ -224,7 +225,8 @@ def evaluate(model_dir, adapters: dict[str, str], compass: Compass, cfg: Evaluat
                 with clock("side_preference"):
                     sides = (summaries[name]["side_preference"] if name in summaries
                              else side_summary(model, tokenizer, name, pairs, cfg, seed, differences))
-                row.update({f"side_{k}_shift": v["shift"] for k, v in sides.items()})
+                row.update({f"side_{g}_{k}_shift": v["shift"] for g, by_side in sides.items()
+                            for k, v in by_side.items()})
             rows.append(row)
             log.info("trajectory step %d: %s", step, row)
     if seconds is not None:
@@ -311,10 +313,12 @@ def run(params: Params, params_file: str, paths: argparse.Namespace) -> None:
         if paths.side_table:
             side_preference.write_table(paths.side_table, pairs, differences)
         if paths.side_plot:
-            write_json(paths.side_plot, [{"model": m, "data_side": side, "shift": v["shift"],
-                                         "shift_ci_low": v["shift_ci_low"], "shift_ci_high": v["shift_ci_high"]}
-                                        for m, s in summaries.items() for side, v in s.get("side_preference",
-                                                                                          {}).items()])
+            write_json(paths.side_plot, [{"model": f"{m} ({group})", "group": group, "data_side": side,
+                                          "shift": v["shift"], "shift_ci_low": v["shift_ci_low"],
+                                          "shift_ci_high": v["shift_ci_high"]}
+                                         for m, s in summaries.items()
+                                         for group, sides in s.get("side_preference", {}).items()
+                                         for side, v in sides.items()])
         if paths.trajectory_out:
             write_json(paths.trajectory_out, path)
         write_json(paths.points, [{"model": m, "economic": s["economic"], "social": s["social"]}

@@ -279,7 +279,7 @@ def model_card(params: Params, reports: dict[str, Any], check_figures: dict[str,
         m, j = metrics.get(name), judge.get(name)
         if not m:
             continue
-        side = m.get("side_preference", {})
+        side = m.get("side_preference", {}).get("heldout", {})
         sides = " / ".join(_ci(side[d], "shift") for d in ("right_data", "left_data") if d in side)
         lines.append(f"| {name} | {_ci(m, 'economic')} | {_ci(m, 'social')} | {sides} | "
                      f"{_score(j) if j and 'score' in j else ''} |")

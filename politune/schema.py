@@ -124,6 +124,8 @@ class Annotator(_Strict):
     max_retries: int = Field(ge=0)
     retry_temperature: float = Field(ge=0.0)
     shard_size: int = Field(ge=1)  # posts per shard: each finished shard is kept until the stage ends (resume)
+    # The likelihood classifier's prefix ({viewpoint}): score reads posts after it, generate reads answers (stance)
+    score_prefix: str
 
 
 class Score(Annotator):
@@ -131,13 +133,47 @@ class Score(Annotator):
     every viewpoint, which depends on neither the ideology nor the threshold."""
 
     score_method: Literal["likelihood", "json"]
-    score_prefix: str
     score_system: str  # json ratings: the system prompt ({viewpoint})
     score_prompt: str  # json ratings: the user prompt ({post}, {viewpoint}, {low}, {high})
     none_viewpoint: str
     calibrate: bool
     max_posts: int | None = Field(default=None, ge=1)
     max_post_tokens: int = Field(ge=1)
+
+
+class FewShot(_Strict):
+    path: str | None = None  # example triplets (JSONL: id, side, post, instruction, chosen, rejected); null: none
+    shots: int = Field(ge=0)  # examples per chat, the first of the ideology's side in the file; 0: zero-shot
+
+
+class TripletQuality(_Strict):
+    ngram: int = Field(ge=1)  # word n-grams for the copy and duplicate measures
+    # A field sharing this share of its n-grams with the post, a viewpoint description, the prompt's instructions or
+    # a few-shot example is a copy; with reject_copies the triplet is then invalid (retried, then dropped).
+    copy_threshold: float = Field(gt=0.0, le=1.0)
+    reject_copies: bool
+    duplicate_threshold: float = Field(gt=0.0, le=1.0)  # n-gram Jaccard at which two answers are near-duplicates
+    stance: bool  # score each valid triplet's two answers with the likelihood classifier (stance accuracy)
+    stance_filter: bool  # drop a triplet whose chosen answer the classifier reads as less the side's (needs stance)
+    bootstrap: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _filter_needs_stance(self):
+        if self.stance_filter and not self.stance:
+            raise ValueError("stance_filter needs stance: true (the filter reads the stance measure)")
+        return self
+
+
+class Example(_Strict):
+    """One few-shot example triplet (a row of ``annotate.few_shot.path``)."""
+
+    id: str = Field(min_length=1)
+    side: str = Field(min_length=1)
+    post: str = Field(min_length=1)
+    instruction: str = Field(min_length=1)
+    chosen: str = Field(min_length=1)
+    rejected: str = Field(min_length=1)
+    source: str | None = None
 
 
 class Triplets(Annotator):
@@ -148,7 +184,9 @@ class Triplets(Annotator):
     prompts: dict[str, Prompts]
     max_answer_chars: int = Field(ge=8)
     sample_size: int = Field(ge=0)
-    mirror: bool = False  # also annotate the opposite viewpoint (for datasets.mirror.source: annotated)
+    mirror: bool  # also annotate the opposite viewpoint (for datasets.mirror.source: annotated)
+    few_shot: FewShot
+    quality: TripletQuality
 
     @model_validator(mode="after")
     def _prompts_per_viewpoint(self):

@@ -12,9 +12,11 @@ the register of one dataset's chosen answers shows opposite signs on the two sid
 side moves the same way on both. A scale-free check: it reads the answers the data holds, not a digit the model must
 produce, so it works for a 135M model as for a 70B one.
 
-Pairs come from the DPO test split (columns ``side``: the side the chosen answer voices, and ``origin``: the data
-side; written by ``build_datasets``) and from held-out files named in ``evaluate.side_preference.heldout`` with the
-side their chosen answers voice.
+Pairs come from held-out files named in ``evaluate.side_preference.heldout`` with the side their chosen answers
+voice (group ``heldout``: by default the PoliTune authors' pairs in ``data/heldout/politune/``, which no stage trains
+on, so this group answers "did the run steer the model") and from the DPO test split (group ``test_split``; columns
+``side``: the side the chosen answer voices, and ``origin``: the data side; written by ``build_datasets``), which
+comes from the same annotation as the training pairs and so also rewards learning that annotation's artefacts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from politune.schema import SidePreference
 
 log = logging.getLogger("politune.side_preference")
 SIDES = ("right", "left")
+GROUPS = ("heldout", "test_split")
 
 
 @dataclass
@@ -42,11 +45,12 @@ class Pairs:
     right: list[list[dict[str, str]]] = field(default_factory=list)
     left: list[list[dict[str, str]]] = field(default_factory=list)
     data_side: list[str] = field(default_factory=list)
+    group: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, pair_id: str, prompt, chosen, rejected, chosen_side: str, data_side: str) -> None:
+    def add(self, pair_id: str, prompt, chosen, rejected, chosen_side: str, data_side: str, group: str) -> None:
         if chosen_side not in SIDES or data_side not in SIDES:
             raise InputError(f"pair {pair_id}: side must be one of {SIDES}, got {chosen_side!r} / {data_side!r}")
         self.ids.append(pair_id)
@@ -55,6 +59,7 @@ class Pairs:
         self.right.append(list(right))
         self.left.append(list(left))
         self.data_side.append(data_side)
+        self.group.append(group)
 
 
 def _messages(value) -> list[dict[str, str]]:
@@ -80,7 +85,7 @@ def from_test_split(data_dir: str | Path, pairs: Pairs) -> int:
             unknown += 1
             continue
         pairs.add(f"test:{row.id}", _messages(row.prompt), _messages(row.chosen), _messages(row.rejected),
-                  row.side, row.origin)
+                  row.side, row.origin, "test_split")
     return unknown
 
 
@@ -94,7 +99,8 @@ def from_file(path: str | Path, side: str, max_pairs: int | None, pairs: Pairs) 
     if max_pairs:
         rows = rows[:max_pairs]
     for row in rows:
-        pairs.add(f"{Path(path).name}:{row['id']}", row["prompt"], row["chosen"], row["rejected"], side, side)
+        pairs.add(f"{Path(path).name}:{row['id']}", row["prompt"], row["chosen"], row["rejected"], side, side,
+                  "heldout")
     return len(rows)
 
 
@@ -141,11 +147,21 @@ def _interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tupl
     return float(lo), float(hi)
 
 
-def summarise(d: dict[str, np.ndarray], base: dict[str, np.ndarray], data_side: list[str], n_boot: int,
-              seed: int) -> dict[str, dict[str, Any]]:
-    """Per data side: the mean shift from base (summed and per token) with bootstrap 95% intervals over pairs, the
-    fraction of pairs that moved towards the right-voiced answer, and the model's own mean preference d."""
-    sides = np.asarray(data_side)
+def summarise(d: dict[str, np.ndarray], base: dict[str, np.ndarray], data_side: list[str], groups: list[str],
+              n_boot: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per group of pairs (``GROUPS``: ``heldout``, the files no training used, answers "did the run steer the
+    model"; ``test_split``, the DPO test split, drawn from the training data's own distribution) and per data side:
+    the mean shift from base (summed and per token) with bootstrap 95% intervals over pairs, the fraction of pairs
+    that moved towards the right-voiced answer, and the model's own mean preference d."""
+    out = {}
+    for group in GROUPS:
+        mask = np.asarray(groups) == group
+        if mask.any():
+            out[group] = _by_side(d, base, np.where(mask, np.asarray(data_side), ""), n_boot, seed)
+    return out
+
+
+def _by_side(d, base, sides: np.ndarray, n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
     out = {}
     for side in SIDES:
         mask = sides == side
@@ -181,8 +197,9 @@ def write_table(path: str | Path, pairs: Pairs, per_model: dict[str, dict[str, n
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["pair", "data_side"] + [f"{m}_{k}" for m in per_model for k in ("d", "d_per_token")])
+            writer.writerow(["pair", "group", "data_side"]
+                            + [f"{m}_{k}" for m in per_model for k in ("d", "d_per_token")])
             for i, pair_id in enumerate(pairs.ids):
-                writer.writerow([pair_id, pairs.data_side[i]]
+                writer.writerow([pair_id, pairs.group[i], pairs.data_side[i]]
                                 + [round(float(per_model[m][k][i]), 4) for m in per_model
                                    for k in ("sum", "per_token")])

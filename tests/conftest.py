@@ -124,6 +124,7 @@ def copy_project(dest: Path) -> Path:
     shutil.copytree(ROOT / "data" / "compass", dest / "data" / "compass")
     shutil.copytree(ROOT / "data" / "external", dest / "data" / "external")
     shutil.copytree(ROOT / "data" / "heldout", dest / "data" / "heldout")
+    shutil.copytree(ROOT / "data" / "fewshot", dest / "data" / "fewshot")
     return dest
 
 
@@ -233,6 +234,7 @@ def tiny_params(params, annotator_dir, target_dir):
     params["sft"].update(small)
     params["dpo"].update(small, save_steps=1)
     params["evaluate"].update(templates=params["evaluate"]["templates"][:1], bootstrap=50, batch_size=32)
+    params["evaluate"]["side_preference"].update(max_pairs=4, bootstrap=50)  # 4 held-out pairs per side
     params["judge"].update(prompts=params["judge"]["prompts"][:3], max_new_tokens=24)
     # the GGUF round trip (about 20 s) is tested on its own (tests/test_export.py)
     params["export"].update(check_prompts=params["export"]["check_prompts"][:1], gguf=None)

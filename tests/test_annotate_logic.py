@@ -30,6 +30,8 @@ class Scripted(Backend):
         self.tokens_generated = 0
 
     def loglikelihoods(self, prefixes, texts, max_text_tokens):
+        if len(prefixes) == 2:  # generate's stance measure (right, left): an answer reads as the side it names
+            return np.array([[0.0 if "right" in t else -1.0, 0.0 if "left" in t else -1.0] for t in texts])
         assert len(prefixes) == 3
         return np.log(PROBS[[int(t.split()[1]) for t in texts]])
 
@@ -37,7 +39,7 @@ class Scripted(Backend):
         out = []
         for chat in chats:
             self.chats.append(chat)
-            post = "p" + chat[1]["content"].split('"post ', 1)[1].split()[0]
+            post = "p" + chat[-1]["content"].split('"post ', 1)[1].split()[0]
             side = "right" if "right-wing" in chat[0]["content"] else "left"
             if self.bad.get(post, 0) > 0:
                 self.bad[post] -= 1
@@ -178,9 +180,10 @@ def test_scores_cover_every_viewpoint_and_generate_reads_them_without_scoring():
     assert report["posts"] == 9 and report["shards"] == 1
     for j, name in enumerate(("right", "left", "none")):
         assert np.allclose(scored[f"score_{name}"], PROBS[:, j], atol=1e-6)
-    backend.loglikelihoods = None  # generate may not score
+    backend.loglikelihoods = None  # generate may not score (without its stance measure, which reads answers)
+    no_stance = {**PARAMS["annotate"]["quality"], "stance": False}
     for ideology, column, threshold in (("right", 0, 0.45), ("left", 1, 0.3)):
-        table, report = generate(scored, backend, ideology, cfg(threshold=threshold), 0)
+        table, report = generate(scored, backend, ideology, cfg(threshold=threshold, quality=no_stance), 0)
         assert report["kept_by_side"] == {ideology: int((PROBS[:, column] >= threshold).sum())}
         at = next(r for r in score_plot(scored, ["right", "left"]) if abs(r["threshold"] - threshold) < 1e-9)
         assert at[f"{ideology}_kept_at_threshold"] == report["kept_by_side"][ideology]

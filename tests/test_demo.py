@@ -355,7 +355,7 @@ def test_sweep_runs_the_stages_without_dvc_and_the_report_reads_it(tmp_path, mon
     assert (run_dir / "models" / "dpo" / "adapter_model.safetensors").is_file()
     assert not (root / "models" / "dpo").exists() and not (root / "mlflow.db").exists(), "outputs stay in the run"
     metrics = json.loads((run_dir / "reports" / "metrics.json").read_text())
-    assert set(metrics["dpo"]["side_preference"]) == {"right_data", "left_data"}
+    assert set(metrics["dpo"]["side_preference"]["heldout"]) == {"right_data", "left_data"}
     # --from evaluate: evaluate again with other evaluate params on the same trained models; a changed training
     # param makes the reuse stale, and it is refused
     adapter = (run_dir / "models" / "dpo" / "adapter_model.safetensors").stat().st_mtime_ns

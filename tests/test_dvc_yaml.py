@@ -75,9 +75,12 @@ def test_selective_rerun_design():
     assert readers("ideology") == {"generate", "build_datasets", "export"}
     for key in ("threshold", "max_kept", "prompts", "mirror", "max_answer_chars", "sample_size"):
         assert readers(f"annotate.{key}") == {"generate"}, key
-    for key in ("score_method", "score_prefix", "calibrate", "none_viewpoint", "max_posts", "max_post_tokens"):
+    for key in ("few_shot", "quality"):
+        assert readers(f"annotate.{key}") == {"generate"}, key
+    for key in ("score_method", "calibrate", "none_viewpoint", "max_posts", "max_post_tokens"):
         assert readers(f"annotate.{key}") == {"score"}, key
     assert readers("annotate.engine") == {"score", "generate"}
+    assert readers("annotate.score_prefix") == {"score", "generate"}, "generate's stance measure reads it"
     assert readers("lora") == {"sft", "dpo", "export"}
     upstream_of_annotate = {"prepare_models", "ingest"}
     for name in upstream_of_annotate:

@@ -50,8 +50,8 @@ def test_export_stage_merges_checks_and_writes_a_card(tmp_path, tiny_model_dir, 
                                          "social": 0.0, "social_ci_low": -1.0, "social_ci_high": 1.0},
                                 "dpo": {"economic": 1.5, "economic_ci_low": 0.25, "economic_ci_high": 3.0,
                                         "social": 0.0, "social_ci_low": -1.0, "social_ci_high": 1.0,
-                                        "side_preference": {"right_data": {"shift": 6.0, "shift_ci_low": 4.0,
-                                                                           "shift_ci_high": 8.0}}}},
+                                        "side_preference": {"heldout": {"right_data": {
+                                            "shift": 6.0, "shift_ci_low": 4.0, "shift_ci_high": 8.0}}}}},
                "judge.json": {"dpo": {"score": 4.5, "score_ci_low": 4.0, "score_ci_high": 5.0}}}
     for name, value in reports.items():
         (tmp_path / name).write_text(json.dumps(value), encoding="utf-8")

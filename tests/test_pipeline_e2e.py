@@ -43,22 +43,27 @@ def test_reports(pipeline):
         assert {"economic", "social", "distinct_answers"} <= set(metrics[model])
         assert -10 <= metrics[model]["economic"] <= 10 and -10 <= metrics[model]["social"] <= 10
         assert -1 <= metrics[model]["balanced"]["agreement_bias"] <= 1
-        # The DPO test split's pairs: the ideology's, and the mirrored opposite's where the split drew any.
-        assert "right_data" in metrics[model]["side_preference"]
-        assert set(metrics[model]["side_preference"]) <= {"right_data", "left_data"}
-        for side in metrics[model]["side_preference"].values():
+        # The held-out pairs (both sides, the default files' first 4 rows each) and the DPO test split's: the
+        # ideology's, and the mirrored opposite's where the split drew any.
+        groups = metrics[model]["side_preference"]
+        assert set(groups["heldout"]) == {"right_data", "left_data"}
+        assert "right_data" in groups["test_split"] and set(groups["test_split"]) <= {"right_data", "left_data"}
+        assert groups["heldout"]["right_data"]["pairs"] == groups["heldout"]["left_data"]["pairs"] == 4
+        for side in [*groups["heldout"].values(), *groups["test_split"].values()]:
             assert side["pairs"] >= 1 and side["shift_ci_low"] <= side["shift"] <= side["shift_ci_high"]
-    assert metrics["base"]["side_preference"]["right_data"]["shift"] == 0
+    assert metrics["base"]["side_preference"]["heldout"]["right_data"]["shift"] == 0
     assert (root / "reports" / "compass.png").stat().st_size > 10_000
     assert len((root / "reports" / "compass_twin_answers.csv").read_text(encoding="utf-8").splitlines()) == 63
     side_plot = json.loads((root / "reports" / "side_preference.json").read_text(encoding="utf-8"))
-    assert {(r["model"], r["data_side"]) for r in side_plot} == {(m, side) for m in ("base", "sft", "dpo")
-                                                                  for side in metrics["dpo"]["side_preference"]}
+    assert {(r["model"], r["data_side"]) for r in side_plot} == {
+        (f"{m} ({group})", side) for m in ("base", "sft", "dpo")
+        for group, sides in metrics["dpo"]["side_preference"].items() for side in sides}
     trajectory = json.loads((root / "reports" / "trajectory.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in trajectory] == [0, 1, 2]  # the SFT start, then every dpo.save_steps
     assert trajectory[0]["economic"] == metrics["sft"]["economic"]
     assert trajectory[-1]["economic"] == metrics["dpo"]["economic"], "the last snapshot is the DPO model"
-    assert trajectory[-1]["side_right_data_shift"] == metrics["dpo"]["side_preference"]["right_data"]["shift"]
+    assert (trajectory[-1]["side_heldout_right_data_shift"]
+            == metrics["dpo"]["side_preference"]["heldout"]["right_data"]["shift"])
     judged = json.loads((root / "reports" / "judge.json").read_text(encoding="utf-8"))
     for model in ("base", "sft", "dpo"):
         assert judged[model]["scored"] == 3 and 1 <= judged[model]["score"] <= 7, judged

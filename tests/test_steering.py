@@ -162,13 +162,20 @@ def test_summary_of_known_differences():
     base = {"sum": np.zeros(6), "per_token": np.zeros(6)}
     d = {"sum": np.array([2.0, 3.0, 4.0, -1.0, -2.0, -3.0]), "per_token": np.array([0.1] * 3 + [-0.1] * 3)}
     sides = ["right"] * 3 + ["left"] * 3
-    s = side_preference.summarise(d, base, sides, 500, seed=0)
+    s = side_preference.summarise(d, base, sides, ["heldout"] * 6, 500, seed=0)["heldout"]
     assert s["right_data"]["shift"] == 3.0 and s["right_data"]["moved_right"] == 1.0
     assert 2.0 <= s["right_data"]["shift_ci_low"] <= 3.0 <= s["right_data"]["shift_ci_high"] <= 4.0
     assert s["left_data"]["shift"] == -2.0 and s["left_data"]["moved_left"] == 1.0
     assert s["left_data"]["shift_per_token"] == -0.1
-    same = side_preference.summarise(base, base, sides, 100, seed=0)
+    same = side_preference.summarise(base, base, sides, ["heldout"] * 6, 100, seed=0)["heldout"]
     assert all(v["shift"] == v["shift_ci_low"] == v["shift_ci_high"] == 0 for v in same.values())
+    # two groups: each summarised on its own pairs alone
+    groups = ["heldout", "test_split"] * 3
+    both = side_preference.summarise(d, base, sides, groups, 100, seed=0)
+    assert set(both) == {"heldout", "test_split"}
+    assert both["heldout"]["right_data"]["pairs"] == 2 and both["heldout"]["right_data"]["shift"] == 3.0  # 2, 4
+    assert both["test_split"]["right_data"]["pairs"] == 1 and both["test_split"]["right_data"]["shift"] == 3.0
+    assert both["test_split"]["left_data"]["shift"] == -2.0 and both["heldout"]["left_data"]["pairs"] == 1
 
 
 def test_pairs_from_the_test_split_and_heldout_files(tmp_path, external):
@@ -187,6 +194,7 @@ def test_pairs_from_the_test_split_and_heldout_files(tmp_path, external):
         assert got.right[i][0]["content"].startswith("A right answer")
         assert got.left[i][0]["content"].startswith("A left answer")
     assert got.data_side[-4:] == ["left"] * 4
+    assert got.group == ["test_split"] * 6 + ["heldout"] * 4
 
 
 TOPICS = ["taxes", "schools", "energy", "roads", "farms", "health care", "housing", "trade", "the police", "water",
@@ -237,8 +245,8 @@ def test_instrument_shows_the_side_a_model_was_trained_for_and_zero_for_base(tin
     assert sources == {str(held["right"]): 8, str(held["left"]): 8}
     model, tokenizer = load_with_adapters(tiny_model_dir, {"sft": right_trained})
     differences: dict = {}
-    base = side_summary(model, tokenizer, "base", pairs, cfg, 0, differences)
-    tuned = side_summary(model, tokenizer, "sft", pairs, cfg, 0, differences)
+    base = side_summary(model, tokenizer, "base", pairs, cfg, 0, differences)["heldout"]
+    tuned = side_summary(model, tokenizer, "sft", pairs, cfg, 0, differences)["heldout"]
     for side in ("right_data", "left_data"):
         assert base[side]["shift"] == base[side]["shift_ci_low"] == base[side]["shift_ci_high"] == 0
         assert tuned[side]["shift_ci_low"] > 0, (side, tuned[side])

@@ -80,12 +80,13 @@ def test_metrics_diff_between_commits(team_repo):
     assert compass["dpo.economic"]["new"] == now["dpo"]["economic"]
     assert compass["base.economic"]["diff"] == 0, "the base model did not change"
     assert {"old", "new"} <= set(diff["reports/judge.json"]["dpo.score"])
-    # The metrics files are small, one entry per model (compass, balanced compass, side preference per data side),
+    # The metrics files are small, one entry per model (compass, balanced compass, side preference per group of
+    # pairs and data side),
     # with a stable key order.
     text = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
-    assert len(text) < 8000 and list(json.loads(text)) == ["base", "sft", "dpo"]
+    assert len(text) < 12000 and list(json.loads(text)) == ["base", "sft", "dpo"]
     assert list(json.loads(text)["dpo"])[-2:] == ["balanced", "side_preference"]
-    assert "dpo.side_preference.right_data.shift" in compass
+    assert "dpo.side_preference.heldout.right_data.shift" in compass
     plots = run(["dvc", "plots", "diff", "HEAD~1", "--json"], root, env)
     assert "compass_points.json" in plots
 
