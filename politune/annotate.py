@@ -15,8 +15,12 @@ each viewpoint as JSON constrained to a schema (an integer 0-10 and a short reas
 
 Stage ``generate``: posts whose score for the ideology is at or above ``annotate.threshold`` are kept. For each, the
 annotator writes, as JSON constrained to a schema by vLLM structured outputs, an instruction the post could answer, a
-*chosen* answer in the ideology's voice and a *rejected* answer that argues the opposite. Outputs that fail
-validation are retried (sampled, seeded) up to ``max_retries`` times, then marked ``invalid`` and counted.
+*chosen* answer in the ideology's voice and a *rejected* answer that argues the opposite: in one reply
+(``annotate.answers: joint``) or in three (``separate``: the instruction, then each answer in a chat of its own
+voice). ``annotate.few_shot`` example triplets go into each chat as earlier turns. Outputs that fail validation (the
+schema, or a copy of the prompt: ``politune/triplet_quality.py``) are retried (sampled, seeded) up to
+``max_retries`` times, then marked ``invalid`` and counted; the report's ``triplet_quality`` measures what was
+kept.
 
 With ``annotate.mirror`` the opposite viewpoint (``prompts.<ideology>.opposite``) is annotated too: posts not kept
 for the ideology whose score for the opposite reaches the threshold get triplets from the opposite's own prompts.
@@ -36,7 +40,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, create_model,
+                      model_validator)
 
 from politune import triplet_quality
 from politune.backends import Backend, make_backend
@@ -94,6 +99,13 @@ def triplet_model(max_chars: int) -> type[BaseModel]:
     return Triplet
 
 
+def field_model(name: str, max_chars: int) -> type[BaseModel]:
+    """A reply of one field ``name`` (``answers: separate``: ``instruction`` or ``answer``), 8 to ``max_chars``
+    characters."""
+    text = Annotated[OneLine, Field(min_length=8, max_length=max_chars)]
+    return create_model(name.capitalize(), __config__=ConfigDict(extra="forbid"), **{name: (text, ...)})
+
+
 def parser(model: type[BaseModel]):
     """``text -> dict`` of the fields, or ``None`` where the reply is not valid JSON of ``model``."""
     def parse(text: str) -> dict[str, Any] | None:
@@ -116,14 +128,41 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
 def build_chat(cfg: Triplets, ideology: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
     """The system prompt, then each example as a user turn (its post in the generate prompt) and an assistant turn
     (its triplet as the JSON the schema asks for), then the post."""
-    prompts = cfg.prompts[ideology]
-    fill = {"ideology": ideology, "viewpoint": cfg.viewpoints[ideology], "opposite": cfg.viewpoints[prompts.opposite]}
+    prompts, fill = cfg.prompts[ideology], _fill(cfg, ideology)
     chat = [{"role": "system", "content": prompts.system.format(**fill)}]
     for example in examples:
         chat += [{"role": "user", "content": prompts.generate.format(post=example.post, **fill)},
                  {"role": "assistant", "content": json.dumps({k: getattr(example, k) for k in TRIPLET_FIELDS},
                                                              ensure_ascii=False)}]
     chat.append({"role": "user", "content": prompts.generate.format(post=post, **fill)})
+    return chat
+
+
+def _fill(cfg: Triplets, side: str) -> dict[str, str]:
+    return {"ideology": side, "viewpoint": cfg.viewpoints[side], "opposite": cfg.viewpoints[cfg.prompts[side].opposite]}
+
+
+def instruction_chat(cfg: Triplets, side: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
+    """``answers: separate``, the first reply: the instruction the post answers, in the side's chat (examples: their
+    post, then their instruction as JSON)."""
+    prompts, fill = cfg.prompts[side], _fill(cfg, side)
+    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
+    for example in examples:
+        chat += [{"role": "user", "content": prompts.instruction.format(post=example.post, **fill)},
+                 {"role": "assistant", "content": json.dumps({"instruction": example.instruction}, ensure_ascii=False)}]
+    chat.append({"role": "user", "content": prompts.instruction.format(post=post, **fill)})
+    return chat
+
+
+def answer_chat(cfg: Triplets, side: str, instruction: str, examples: list[Example] = ()) -> list[dict[str, str]]:
+    """``answers: separate``: one answer to ``instruction`` in ``side``'s voice, in that side's chat (examples:
+    their instruction, then their chosen answer, which voices that side, as JSON)."""
+    prompts, fill = cfg.prompts[side], _fill(cfg, side)
+    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
+    for example in examples:
+        chat += [{"role": "user", "content": prompts.answer.format(instruction=example.instruction, **fill)},
+                 {"role": "assistant", "content": json.dumps({"answer": example.chosen}, ensure_ascii=False)}]
+    chat.append({"role": "user", "content": prompts.answer.format(instruction=instruction, **fill)})
     return chat
 
 
@@ -163,7 +202,7 @@ def copy_checks(cfg: Triplets, examples: dict[str, list[Example]]) -> dict[str, 
     q = cfg.quality
     checks = {}
     for name, prompts in cfg.prompts.items():
-        instructions = [piece for text in (prompts.system, prompts.generate)
+        instructions = [piece for text in (prompts.system, prompts.generate, prompts.instruction, prompts.answer)
                         for piece in re.split(r"\{[a-z_]+\}", text)]
         shown = [getattr(e, k) for e in examples.get(name, []) for k in ("post", *TRIPLET_FIELDS)]
         checks[name] = CopyCheck({"viewpoint": list(cfg.viewpoints.values()), "instructions": instructions,
@@ -362,23 +401,30 @@ def generate_shard(table, keys, backend, cfg: Triplets, seed: int, examples: dic
     examples = load_examples(cfg) if examples is None else examples
     checks = copy_checks(cfg, examples)
     side = {i: table.at[i, "side"] for i in keys}
-    chats = {i: build_chat(cfg, side[i], table.at[i, "text"], examples.get(side[i], [])) for i in keys}
-    triplet = triplet_model(cfg.max_answer_chars)
+    post = {i: table.at[i, "text"] for i in keys}
+    copies: dict[Any, str | None] = {}  # reject_copies false: the first copy of each post's kept replies
 
-    def check(key, parsed):
-        copied = checks[side[key]].copied_from(parsed, table.at[key, "text"])
-        return f"copy:{copied[1]}" if copied else None
+    def checker(copied_from):
+        """generate_validated's check from ``copied_from(key, parsed)``: the reason of a copy, or (reject_copies
+        false) None after noting it."""
+        def check(key, parsed):
+            copied = copied_from(key, parsed)
+            reason = f"copy:{copied[1]}" if copied else None
+            if cfg.quality.reject_copies:
+                return reason
+            copies[key] = copies.get(key) or reason
+            return None
+        return check
 
-    copies: dict[Any, str | None] = {}
-
-    def measure(key, parsed):  # reject_copies false: copies are measured, never rejected
-        copies[key] = check(key, parsed)
-        return None
-
-    rejecting = cfg.quality.reject_copies
-    done, retries, first, failed = generate_validated(backend, chats, triplet.model_json_schema(), parser(triplet),
-                                                      cfg, seed, check if rejecting else measure)
-    if not rejecting:
+    if cfg.answers == "joint":
+        chats = {i: build_chat(cfg, side[i], post[i], examples.get(side[i], [])) for i in keys}
+        triplet = triplet_model(cfg.max_answer_chars)
+        check = checker(lambda key, parsed: checks[side[key]].copied_from(parsed, post[key]))
+        done, retries, first, failed = generate_validated(backend, chats, triplet.model_json_schema(),
+                                                          parser(triplet), cfg, seed, check)
+    else:
+        done, retries, first, failed = _separate(backend, keys, side, post, cfg, seed, examples, checks, checker)
+    if not cfg.quality.reject_copies:
         first = {k: copies.get(k) if v is None else v for k, v in first.items()}
     frame = pd.DataFrame({"status": ["kept" if i in done else "invalid" for i in keys],
                           **{name: [done[i][name] if i in done else None for i in keys] for name in TRIPLET_FIELDS},
@@ -402,6 +448,39 @@ def generate_shard(table, keys, backend, cfg: Triplets, seed: int, examples: dic
             frame.loc[wrong, "status"] = "invalid"
             frame.loc[wrong, "invalid_reason"] = "stance"
     return frame, {"tokens_generated": backend.tokens_generated - tokens}
+
+
+def _separate(backend, keys, side, post, cfg: Triplets, seed: int, examples, checks, checker):
+    """``answers: separate``: the instruction from the post in the side's chat, then the chosen answer in the side's
+    chat and the rejected one in the opposite's, each reply validated and retried on its own; a post is kept when
+    all three are. Returns what ``generate_validated`` returns, over the three replies (``first``: the first
+    failure among the three replies' first attempts)."""
+    got: dict[Any, dict[str, str]] = {i: {} for i in keys}
+    retries = dict.fromkeys(keys, 0)
+    first: dict[Any, str | None] = dict.fromkeys(keys)
+    failed: dict[Any, str] = {}
+    pending = list(keys)
+    for field in TRIPLET_FIELDS:
+        if not pending:
+            break
+        voice = {i: cfg.prompts[side[i]].opposite if field == "rejected" else side[i] for i in pending}
+        name = "instruction" if field == "instruction" else "answer"
+        chats = {i: (instruction_chat if field == "instruction" else answer_chat)(
+            cfg, voice[i], post[i] if field == "instruction" else got[i]["instruction"], examples.get(voice[i], []))
+            for i in pending}
+        model = field_model(name, cfg.max_answer_chars)
+        check = checker(lambda key, parsed, field=field, name=name, voice=voice:
+                        checks[voice[key]].copied_from({field: parsed[name]}, post[key], got[key]))
+        done, tries, firsts, bad = generate_validated(backend, chats, model.model_json_schema(), parser(model), cfg,
+                                                      seed, check)
+        for i in pending:
+            retries[i] += tries[i]
+            first[i] = first[i] or firsts.get(i)
+        failed.update(bad)
+        for i, parsed in done.items():
+            got[i][field] = parsed[name]
+        pending = [i for i in pending if i in done]
+    return {i: got[i] for i in pending}, retries, first, failed
 
 
 def quality_report(table, cfg: Triplets, seed: int) -> dict[str, Any]:

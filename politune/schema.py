@@ -108,8 +108,10 @@ class Transformers(_Strict):
 
 class Prompts(_Strict):
     opposite: str
-    system: str
-    generate: str
+    system: str  # {viewpoint}, {opposite}: the system prompt of every chat in this side's voice
+    generate: str  # answers joint: the whole triplet from the post ({post}, {viewpoint}, {opposite})
+    instruction: str  # answers separate: the instruction from the post ({post})
+    answer: str  # answers separate: one answer in this side's voice ({instruction}, {viewpoint})
 
 
 class Annotator(_Strict):
@@ -185,6 +187,7 @@ class Triplets(Annotator):
     max_answer_chars: int = Field(ge=8)
     sample_size: int = Field(ge=0)
     mirror: bool  # also annotate the opposite viewpoint (for datasets.mirror.source: annotated)
+    answers: Literal["joint", "separate"]  # one reply writes the triplet, or one reply per field and voice
     few_shot: FewShot
     quality: TripletQuality
 
@@ -195,6 +198,9 @@ class Triplets(Annotator):
                 raise ValueError(f"prompts.{name}: no viewpoint {name!r} in annotate.viewpoints")
             if prompts.opposite not in self.viewpoints:
                 raise ValueError(f"prompts.{name}.opposite: {prompts.opposite!r} is not a viewpoint")
+            if self.answers == "separate" and prompts.opposite not in self.prompts:
+                raise ValueError(f"prompts.{name}.opposite: answers separate writes the rejected answer with the "
+                                 f"opposite's prompts, and prompts has no {prompts.opposite!r}")
         return self
 
 

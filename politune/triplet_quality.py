@@ -3,7 +3,8 @@
 - **Copying.** A small annotator often copies its prompt back: the post as the instruction, the viewpoint
   description or the prompt's own instructions as the answers. ``copied_from`` measures each field's word n-gram
   overlap (the share of the field's n-grams that occur in a source text) against the post, the viewpoint
-  descriptions, the prompt's instructions and the few-shot examples; at or above the threshold the field is a copy.
+  descriptions, the prompt's instructions and the few-shot examples (an answer also against its instruction, the
+  rejected answer against the chosen one); at or above the threshold the field is a copy.
   ``generate`` treats such a triplet as invalid (retried, then dropped and counted, as a schema failure).
 - **Stance.** ``stance_margins``: the annotator's likelihood classifier (the ``score`` stage's prefixes, read
   without the generating prompt) applied to each answer: log p(answer | written by the side) - log p(answer |
@@ -26,6 +27,9 @@ import numpy as np
 
 WORD = re.compile(r"[a-z0-9']+")
 FIELDS = ("instruction", "chosen", "rejected")
+# what a field may copy: the post, a viewpoint description, the prompt's instructions, a few-shot example; an answer
+# its own instruction, the rejected answer the chosen one
+COPY_SOURCES = ("post", "viewpoint", "instructions", "examples", "instruction", "chosen")
 
 
 def words(text: str) -> list[str]:
@@ -48,21 +52,30 @@ def overlap(text: str, source: set[tuple[str, ...]], n: int) -> float:
 
 
 class CopyCheck:
-    """Whether a triplet copies its prompt: ``sources`` maps a name (post, viewpoint, instructions, examples) to its
-    texts; ``copied_from(triplet, post)`` names the first (field, source) at or above ``threshold``, else None."""
+    """Whether a reply copies its prompt: ``sources`` maps a name (viewpoint, instructions, examples) to its texts;
+    ``copied_from(fields, post, answered)`` names the first (field, source) at or above ``threshold``, else None.
+
+    ``fields``: the reply's fields (a triplet's, or one of them); ``answered``: texts an answer field must not copy
+    either (``instruction``: the question it answers; ``chosen``, for the rejected answer)."""
 
     def __init__(self, sources: Mapping[str, Iterable[str]], n: int, threshold: float) -> None:
         self.n, self.threshold = n, threshold
         self.sources = {name: set().union(*(ngrams(t, n) for t in texts)) if texts else set()
                         for name, texts in sources.items()}
 
-    def copied_from(self, triplet: Mapping[str, str], post: str) -> tuple[str, str] | None:
-        post_grams = ngrams(post, self.n)
-        for field in FIELDS:
-            if overlap(triplet[field], post_grams, self.n) >= self.threshold:
-                return field, "post"
-            for name, grams in self.sources.items():
-                if grams and overlap(triplet[field], grams, self.n) >= self.threshold:
+    def copied_from(self, fields: Mapping[str, str], post: str,
+                    answered: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+        sources = {"post": ngrams(post, self.n), **self.sources}
+        for field in (f for f in FIELDS if f in fields):
+            extra = {}
+            if field != "instruction":  # an answer may not copy its question, nor the rejected the chosen
+                extra = dict(answered or {})
+                if "instruction" in fields:
+                    extra["instruction"] = fields["instruction"]
+                if field == "rejected" and "chosen" in fields:
+                    extra["chosen"] = fields["chosen"]
+            for name, grams in {**sources, **{k: ngrams(v, self.n) for k, v in extra.items()}}.items():
+                if grams and overlap(fields[field], grams, self.n) >= self.threshold:
                     return field, name
         return None
 
@@ -135,7 +148,7 @@ def report(kept: Mapping[str, Sequence[str]], first_copies: Sequence[str | None]
     out: dict[str, Any] = {
         "copy_rate_first_attempt": rate([c is not None for c in first], n_boot, seed),
         "copy_sources_first_attempt": {name: sum(c == name for c in first)
-                                       for name in ("post", "viewpoint", "instructions", "examples")},
+                                       for name in COPY_SOURCES},
         "copy_rate_kept": rate([c is not None for c in final_copies], n_boot, seed),
         "stance_accuracy": rate(correct, n_boot, seed) if correct is not None else None,
     }

@@ -5,6 +5,7 @@ test_backends.py and the e2e test; this backend only replays scripted scores and
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -39,14 +40,17 @@ class Scripted(Backend):
         out = []
         for chat in chats:
             self.chats.append(chat)
-            post = "p" + chat[-1]["content"].split('"post ', 1)[1].split()[0]
+            post = "p" + re.search(r"post p?(\d+)", chat[-1]["content"]).group(1)
             side = "right" if "right-wing" in chat[0]["content"] else "left"
             if self.bad.get(post, 0) > 0:
                 self.bad[post] -= 1
                 out.append('{"instruction": "too short"')
                 continue
-            out.append(json.dumps({"instruction": f"What about post {post}?", "chosen": f"The {side} view on {post}.",
-                                   "rejected": f"The other view on {post}."}))
+            reply = {"instruction": f"What about post {post}?", "chosen": f"The {side} view on {post}.",
+                     "rejected": f"The other view on {post}."}
+            if set(schema["properties"]) == {"answer"}:  # answers separate: one answer in the chat's voice
+                reply = {"answer": f"The {side} view on {post}."}
+            out.append(json.dumps({k: reply[k] for k in schema["properties"]}))
             self.tokens_generated += 10
         return out
 
@@ -57,8 +61,9 @@ def posts() -> pd.DataFrame:
 
 
 def cfg(**changes):
-    """The default annotate section; the ideology's viewpoint only unless a test asks for the mirror."""
-    return section("annotate", **{"calibrate": False, "mirror": False, **changes})
+    """The default annotate section; the ideology's viewpoint only unless a test asks for the mirror; one reply per
+    triplet (answers joint: the retry accounting counts replies)."""
+    return section("annotate", **{"calibrate": False, "mirror": False, "answers": "joint", **changes})
 
 
 @pytest.mark.parametrize("threshold, kept", [(0.0, 9), (0.3, 5), (0.45, 4), (0.5, 3), (0.7, 2), (0.95, 0)])

@@ -75,7 +75,7 @@ def test_selective_rerun_design():
     assert readers("ideology") == {"generate", "build_datasets", "export"}
     for key in ("threshold", "max_kept", "prompts", "mirror", "max_answer_chars", "sample_size"):
         assert readers(f"annotate.{key}") == {"generate"}, key
-    for key in ("few_shot", "quality"):
+    for key in ("few_shot", "quality", "answers"):
         assert readers(f"annotate.{key}") == {"generate"}, key
     for key in ("score_method", "calibrate", "none_viewpoint", "max_posts", "max_post_tokens"):
         assert readers(f"annotate.{key}") == {"score"}, key

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from politune import triplet_quality as tq
-from politune.annotate import annotate, build_chat, load_examples
+from politune.annotate import annotate, answer_chat, build_chat, instruction_chat, load_examples
 from politune.common import InputError
 from tests.conftest import PARAMS, ROOT, section
 from tests.test_annotate_logic import Scripted, posts
@@ -17,8 +17,8 @@ VIEWPOINT = PARAMS["annotate"]["viewpoints"]["right"]
 REFERENCE = ROOT.parent / "shared" / "reference" / "politune"
 
 
-def cfg(**quality):
-    return section("annotate", calibrate=False, mirror=False,
+def cfg(answers="joint", **quality):
+    return section("annotate", calibrate=False, mirror=False, answers=answers,
                    quality={**PARAMS["annotate"]["quality"], "stance": True, **quality})
 
 
@@ -47,6 +47,8 @@ class Copier(Scripted):
 
     def generate_json(self, chats, schema, max_tokens, temperature, seed):
         out = super().generate_json(chats, schema, max_tokens, temperature, seed)
+        if "instruction" not in schema["properties"]:
+            return out  # answers separate: an answer reply
         for k, chat in enumerate(chats):
             post = chat[-1]["content"].split('"', 2)[1]
             key = "p" + post.split()[1]
@@ -56,8 +58,10 @@ class Copier(Scripted):
         return out
 
 
-def test_a_copied_triplet_is_retried_then_dropped_and_counted():
-    table, report = annotate(posts(), Copier(), "right", cfg(), seed=0)  # threshold 0.4: p0, p1, p2, p3 kept
+@pytest.mark.parametrize("answers", ["joint", "separate"])
+def test_a_copied_triplet_is_retried_then_dropped_and_counted(answers):
+    cfg = globals()["cfg"]
+    table, report = annotate(posts(), Copier(), "right", cfg(answers), seed=0)  # threshold 0.4: p0-p3 kept
     q = report["triplet_quality"]
     status = dict(zip(table["id"], table["status"]))
     assert status["p1"] == "kept" and status["p2"] == "invalid", "p1 copied once, then wrote its own instruction"
@@ -67,24 +71,28 @@ def test_a_copied_triplet_is_retried_then_dropped_and_counted():
     assert q["copy_sources_first_attempt"]["post"] == 2
     assert q["copy_rate_kept"]["value"] == 0.0
     # measured, not rejected: no retry, every post kept with its first reply, both copies among the kept
-    table, report = annotate(posts(), Copier(), "right", cfg(reject_copies=False), seed=0)
+    table, report = annotate(posts(), Copier(), "right", cfg(answers, reject_copies=False), seed=0)
     assert report["invalid"] == 0 and report["triplet_quality"]["copy_rate_kept"]["value"] == 0.5
     assert report["triplet_quality"]["copy_rate_first_attempt"]["value"] == 0.5
 
 
-def test_stance_accuracy_and_the_filter_read_each_answer_without_the_prompt():
-    table, report = annotate(posts(), Scripted(), "right", cfg(), seed=0)
+@pytest.mark.parametrize("answers", ["joint", "separate"])
+def test_stance_accuracy_and_the_filter_read_each_answer_without_the_prompt(answers):
+    table, report = annotate(posts(), Scripted(), "right", cfg(answers), seed=0)
     acc = report["triplet_quality"]["stance_accuracy"]
-    assert acc["value"] == 1.0 and acc["n"] == 4, "Scripted's chosen answer names its side, the rejected none"
+    assert acc["value"] == 1.0 and acc["n"] == 4, "the chosen answer names its side, the rejected another"
+    if answers == "separate":  # the rejected answer was written in the opposite's chat, in its voice
+        assert set(table[table["status"] == "kept"]["rejected"].str.split().str[1]) == {"left"}
 
-    class Wrong(Scripted):  # the chosen answer of p0 names the other side
+    class Wrong(Scripted):  # p0's answers name the other side than the chat's (its chosen answer reads left)
         def generate_json(self, chats, *args):
             out = super().generate_json(chats, *args)
-            return [o.replace("The right view on p0", "The left view on p0") for o in out]
+            return [o.replace("right", "?").replace("left", "right").replace("?", "left") if "p0" in o else o
+                    for o in out]
 
-    table, report = annotate(posts(), Wrong(), "right", cfg(), seed=0)
+    table, report = annotate(posts(), Wrong(), "right", cfg(answers), seed=0)
     assert report["triplet_quality"]["stance_accuracy"]["value"] == 0.75 and report["invalid"] == 0
-    table, report = annotate(posts(), Wrong(), "right", cfg(stance_filter=True), seed=0)
+    table, report = annotate(posts(), Wrong(), "right", cfg(answers, stance_filter=True), seed=0)
     assert report["triplet_quality"]["stance_accuracy"]["value"] == 0.75, "measured before the filter"
     assert report["triplet_quality"]["invalid_stance"] == 1 and report["kept"] == 3
     assert table.set_index("id").at["p0", "status"] == "invalid"
@@ -109,6 +117,15 @@ def test_few_shot_examples_come_before_the_post_as_earlier_turns():
     assert examples["right"][0].post in chat[1]["content"] and chat[-1]["content"].count("Secure the border.") == 1
     assert json.loads(chat[2]["content"]) == {k: getattr(examples["right"][0], k)
                                               for k in ("instruction", "chosen", "rejected")}
+    # answers separate: the instruction from the post, each answer in its own voice's chat with its own examples
+    chat = instruction_chat(c, "right", "Secure the border.", examples["right"])
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert json.loads(chat[2]["content"]) == {"instruction": examples["right"][0].instruction}
+    chat = answer_chat(c, "left", "Should the border be secured?", examples["left"])
+    assert "left-wing" in chat[0]["content"] and "left-wing" in chat[-1]["content"]
+    assert examples["left"][1].instruction in chat[3]["content"]
+    assert json.loads(chat[4]["content"]) == {"answer": examples["left"][1].chosen}
+    assert "Should the border be secured?" in chat[-1]["content"]
     zero = section("annotate", few_shot={"path": PARAMS["annotate"]["few_shot"]["path"], "shots": 0})
     assert [m["role"] for m in build_chat(zero, "left", "x", load_examples(zero)["left"])] == ["system", "user"]
 
