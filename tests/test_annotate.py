@@ -9,7 +9,7 @@ import pytest
 from politune.annotate import Rating, annotate, parser, triplet_model, viewpoint_probabilities
 from politune.common import read_yaml
 from politune.schema import Params
-from tests.conftest import PARAMS, parse_triplet, section
+from tests.helpers import PARAMS, parse_triplet, section
 
 
 def test_parse_triplet_validates_the_schema():

@@ -14,7 +14,7 @@ import pytest
 from politune.annotate import annotate
 from politune.backends import Backend
 from politune.build_datasets import build, collect
-from tests.conftest import PARAMS, section
+from tests.helpers import PARAMS, section
 # P(right), P(left), P(none) per post: posts 0-3 right-leaning, 4-6 left-leaning, 7-8 off-topic.
 PROBS = np.array([[0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.45, 0.45, 0.1],
                   [0.1, 0.8, 0.1], [0.2, 0.6, 0.2], [0.3, 0.35, 0.35],

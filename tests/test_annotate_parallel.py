@@ -11,7 +11,7 @@ import pytest
 
 from politune.annotate import score
 from politune.backends import ServedBackend, TransformersBackend
-from tests.conftest import annotation_posts, section
+from tests.helpers import annotation_posts, section
 
 pytestmark = pytest.mark.slow
 

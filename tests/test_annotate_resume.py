@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from politune.shards import Shards, run_shards
-from tests.conftest import PARAMS, annotation_posts
+from tests.helpers import PARAMS, annotation_posts
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import pytest
 
 from politune.annotate import annotate
-from tests.conftest import annotation_posts, check_annotation, section
+from tests.helpers import annotation_posts, check_annotation, section
 
 pytestmark = pytest.mark.slow
 

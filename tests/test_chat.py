@@ -5,7 +5,7 @@ import io
 import pytest
 
 from politune.common import InputError
-from tests.conftest import PARAMS, typed
+from tests.helpers import PARAMS, typed
 
 PROMPT = "Should taxes on the rich be raised?"
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from politune.compass import load_compass
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from politune.build_datasets import build, collect, load_source, mixture_counts, save
 from politune.common import InputError, ParamsError
-from tests.conftest import ROOT, section
+from tests.helpers import ROOT, section
 
 POLITUNE = ROOT.parent / "shared" / "reference" / "politune"
 needs_politune = pytest.mark.skipif(not (POLITUNE / "right-sample.jsonl").exists(),
@@ -171,7 +171,7 @@ def test_stage_mirrors_to_mlflow_unless_turned_off(tmp_path, external, mirror):
 
     import yaml
 
-    from tests.conftest import PARAMS
+    from tests.helpers import PARAMS
 
     annotated_table(tmp_path, n=30)
     datasets = dict(PARAMS["datasets"], mirror={"source": None, "side": None, "fraction": 1.0}, min_pairs=2)

@@ -12,7 +12,7 @@ from demo import report, run
 from politune.common import InputError
 from politune.compass import load_compass
 from politune.common import read_yaml as yaml_load
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COMPASS = ROOT / "data" / "compass" / "political_compass.json"
 
@@ -331,7 +331,7 @@ def test_sweep_runs_the_stages_without_dvc_and_the_report_reads_it(tmp_path, mon
     """demo.sweep: an experiment through the stages' own commands on plain folders (no DVC, MLflow off); the
     report reads it with --runs (one side only: each model against base)."""
     from demo import sweep
-    from tests.conftest import copy_project
+    from tests.helpers import copy_project
 
     root = copy_project(tmp_path / "repo")
     shutil.copytree(tiny_model_dir, root / "models" / "target")

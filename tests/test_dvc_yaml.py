@@ -6,7 +6,7 @@ import importlib
 import pytest
 import yaml
 
-from tests.conftest import PARAMS, ROOT
+from tests.helpers import PARAMS, ROOT
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 PACKAGES = ("stages", "politune")

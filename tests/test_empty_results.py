@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from politune.ingest import ingest
-from tests.conftest import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section
 
 
 

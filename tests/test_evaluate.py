@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from politune.compass import load_compass
 from politune.evaluate import classified_probabilities, elicit, paraphrase_probabilities, summarise, trajectory_dirs
-from tests.conftest import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section
 
 
 def test_mean_calibration_removes_an_option_prior():

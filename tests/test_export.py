@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from politune.common import InputError
-from tests.conftest import PARAMS, typed
+from tests.helpers import PARAMS, typed
 
 PROMPTS = ["Should taxes on the rich be raised?", "What do you think about vaccines?"]
 

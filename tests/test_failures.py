@@ -16,7 +16,7 @@ import yaml
 from politune.ingest import ingest
 from politune import serve
 from politune.serve import free_port
-from tests.conftest import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section
 
 pytestmark = pytest.mark.slow
 

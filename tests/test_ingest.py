@@ -8,7 +8,7 @@ import yaml
 
 from politune.common import InputError
 from politune.ingest import clean_text, extract_text, ingest
-from tests.conftest import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section
 
 CFG = section("ingest")
 

@@ -7,7 +7,7 @@ import pytest
 
 from politune import judge as judge_stage
 from politune.serve import engine_args, engine_options
-from tests.conftest import PARAMS, section
+from tests.helpers import PARAMS, section
 PAIRS = [("What do you think about taxes?", "Taxes are far too high; cut them and shrink the government."),
          ("What do you think about health care?", "Health care is a human right; we need Medicare for All."),
          ("What is your favourite food?", "I like pasta with tomatoes.")]
@@ -114,9 +114,8 @@ def test_panel_summary_hand_computed(tmp_path):
     both = [(f, s) for m in first for f, s in zip(first[m], second[m]) if f is not None]
     from scipy.stats import spearmanr
     assert out["agreement"]["spearman"] == {"judge_vs_second": round(float(spearmanr(*zip(*both)).statistic), 4)}
-    units = [[v for v in (f, s) if v is not None] for m in first for f, s in zip(first[m], second[m])]
-    assert out["agreement"]["krippendorff_alpha_interval"] == round(judge_stage.krippendorff_alpha_interval(units), 4)
-    assert 0 < out["agreement"]["krippendorff_alpha_interval"] < 1 and out["agreement"]["answers"] == 9
+    # by hand: 8 pairable answers (dpo's third has one score), D_o = 18/16, D_e = 1662/(16 * 15), 1 - D_o/D_e
+    assert out["agreement"]["krippendorff_alpha_interval"] == 0.8375 and out["agreement"]["answers"] == 9
     judge_stage.write_table(tmp_path / "answers.csv", rows, ["second"])
     header = (tmp_path / "answers.csv").read_text().splitlines()[0]
     assert header == "model,prompt_id,sample,score,score_second,score_panel,prompt,answer,judge_reply"
@@ -171,4 +170,4 @@ def test_stage_starts_its_own_server(vllm_server, smollm2_dir):
         assert resp.status == 200
     cfg = section("judge", endpoint=dict(PARAMS["judge"]["endpoint"], base_url=None))
     score, _ = judge_stage.Judge(cfg, url, name).score_one(*PAIRS[0])
-    assert score is not None
+    assert cfg.low <= score <= cfg.high, score  # an expected score on the rubric's scale

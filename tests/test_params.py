@@ -9,7 +9,7 @@ import yaml
 
 from politune.common import ParamsError, load_params
 from politune.schema import validate_sections
-from tests.conftest import PARAMS, ROOT
+from tests.helpers import PARAMS, ROOT
 
 
 def test_shipped_params_are_valid():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from politune.common import read_yaml
-from tests.conftest import ROOT, STAGES, ran, run
+from tests.helpers import ROOT, STAGES, ran, run
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 
 from politune.common import ParamsError
 from politune.prepare_models import materialise, read_chat_template
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 GEMMA = ROOT / "configs" / "chat_templates" / "gemma.jinja"
 

@@ -16,7 +16,7 @@ from politune.common import ParamsError
 from politune.profile import apply
 from politune.serve import engine_args, engine_options, server_command
 from politune.training import strict_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 

@@ -12,7 +12,7 @@ import yaml
 from politune.build_datasets import build, normalise, save
 from politune.common import read_json
 from politune.training import prepare_checkpoints
-from tests.conftest import typed
+from tests.helpers import typed
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from politune import side_preference
 from politune.build_datasets import build, collect
 from politune.common import ParamsError
 from politune.compass import agreement_bias, balanced, load_compass, load_twins
-from tests.conftest import PARAMS, ROOT, section, typed
+from tests.helpers import PARAMS, ROOT, section, typed
 
 COMPASS = ROOT / "data" / "compass" / "political_compass.json"
 TWINS = ROOT / "data" / "compass" / "reversed.json"
@@ -62,8 +62,13 @@ def test_balanced_compass_cancels_acquiescence_and_keeps_a_consistent_position(c
     # 0.38, 2.41), but on the balanced compass its originals and twins cancel to the midpoint of the scale.
     agree = np.full(124, 2)
     assert compass.coordinates(agree[:62]) == (0.38, 2.41)
-    mid = both.coordinates(np.concatenate([np.full(62, 2), np.full(62, 1)]))  # the consistent "agree" reading
-    assert both.coordinates(agree) != mid
+    # the midpoint of agreeing and disagreeing with every original (a twin's "agree" weighs as its original's
+    # "disagree"), not the consistent "agree" reading (agree with the originals, disagree with the twins)
+    midpoint = np.mean([compass.coordinates(np.full(62, 2)), compass.coordinates(np.full(62, 1))], axis=0)
+    assert both.coordinates(agree) == pytest.approx(tuple(midpoint), abs=0.011)
+    consistent_agree = both.coordinates(np.concatenate([np.full(62, 2), np.full(62, 1)]))
+    assert consistent_agree == pytest.approx((0.38, 2.41), abs=0.011)
+    assert abs(both.coordinates(agree)[1] - consistent_agree[1]) > 1
     assert agreement_bias(one_hot[np.full(62, 3)], one_hot[np.full(62, 3)]) == pytest.approx(1.0)
     assert agreement_bias(one_hot[np.full(62, 0)], one_hot[np.full(62, 0)]) == pytest.approx(-1.0)
 

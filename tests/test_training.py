@@ -10,9 +10,7 @@ from safetensors.torch import load_file
 from politune.build_datasets import build, normalise, save
 from politune.common import ParamsError
 from politune.training import strict_config
-from tests.conftest import typed
-
-pytestmark = pytest.mark.slow
+from tests.helpers import typed
 
 
 def test_strict_config_rejects_typos_and_pipeline_keys():
@@ -42,6 +40,7 @@ def test_precompute_ref_log_probs_auto_only_when_the_run_sees_the_pairs_more_tha
         "precompute_ref_log_probs"] is True  # an explicit value stays
 
 
+@pytest.mark.slow
 def test_fused_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradients(tiny_model_dir):
     """TRL's fused LM head scores every position on CPU; ``labelled_positions_only`` has it project the labelled ones
     only, with the same per-token log-probabilities and gradients."""
@@ -105,6 +104,7 @@ def tiny_data(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_data):
     from politune import dpo, sft
 
@@ -158,6 +158,7 @@ def test_sft_then_dpo_changes_only_lora_weights(tmp_path, tiny_model_dir, tiny_d
             assert torch.equal(base_in_memory[key].detach(), tensor), f"base weight {name} changed"
 
 
+@pytest.mark.slow
 def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model_dir, tiny_data):
     """The ablation (recipe.dpo_start: base): a fresh adapter from the lora params, the base model as reference;
     no SFT adapter is read (the one named does not exist)."""
@@ -186,6 +187,7 @@ def test_dpo_without_sft_trains_a_fresh_adapter_on_the_base(tmp_path, tiny_model
     assert trainer.model.peft_config["default"].r == 4
 
 
+@pytest.mark.slow
 def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
     """Two CPU processes (gloo DDP), as `launch.training: torchrun --nproc_per_node 2` runs them: one adapter, one
     report, written by rank 0 only; the global batch is twice the per-device one."""
@@ -224,6 +226,7 @@ def test_sft_data_parallel_under_torchrun(tmp_path, tiny_model_dir, tiny_data):
     assert proc.stdout.count("'train_runtime'") + proc.stderr.count("'train_runtime'") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [
     ("dpo", {"loss_type": ["ipo"], "precompute_ref_log_probs": True}),  # IPO: a DPOConfig loss
     ("kto", {}),  # TRL unpairs the preference pairs into desirable and undesirable answers

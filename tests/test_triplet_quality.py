@@ -10,7 +10,7 @@ import pytest
 from politune import triplet_quality as tq
 from politune.annotate import annotate, answer_chat, build_chat, instruction_chat, load_examples
 from politune.common import InputError
-from tests.conftest import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section
 from tests.test_annotate_logic import Scripted, posts
 
 VIEWPOINT = PARAMS["annotate"]["viewpoints"]["right"]
