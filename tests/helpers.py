@@ -182,3 +182,17 @@ class Pipeline:
     repro: str  # the output of the first `dvc repro`
 
 
+
+
+def with_absolute_paths(params: dict) -> dict:
+    """``params`` (a copy of params.yaml's sections) with the data files it names relative to the project made
+    absolute, for a stage run in another working directory: the few-shot examples, the held-out pairs."""
+    import copy
+
+    params = copy.deepcopy(params)
+    annotate = params.get("annotate", {})
+    if annotate.get("few_shot", {}).get("path"):
+        annotate["few_shot"]["path"] = str(ROOT / annotate["few_shot"]["path"])
+    for item in params.get("evaluate", {}).get("side_preference", {}).get("heldout", []):
+        item["path"] = str(ROOT / item["path"])
+    return params

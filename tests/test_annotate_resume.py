@@ -5,7 +5,6 @@ logic is the same for every backend, and the pipeline's own vLLM run is tests/te
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import re
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from politune.shards import Shards, run_shards
-from tests.helpers import PARAMS, annotation_posts
+from tests.helpers import PARAMS, annotation_posts, with_absolute_paths
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +65,7 @@ def run_stage(cmd, cwd, env):
 
 @pytest.mark.parametrize("stage", ["score", "generate"])
 def test_a_killed_stage_resumes_from_its_shards_byte_identical(stage, tmp_path, smollm2_dir):
-    params = copy.deepcopy(PARAMS)
+    params = with_absolute_paths(PARAMS)  # the stages run in tmp_path
     # 160 new tokens: SmolLM2's greedy triplets for these posts are complete JSON (tests/test_backend_transformers.py)
     params["annotate"].update(backend="transformers", threshold=0.0, max_new_tokens=160, max_retries=0,
                               mirror=False, shard_size=2 if stage == "score" else 1)

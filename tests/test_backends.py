@@ -9,7 +9,7 @@ import yaml
 
 from politune.annotate import annotate
 from politune.common import read_yaml
-from tests.helpers import PARAMS, ROOT, annotation_posts, check_annotation, section
+from tests.helpers import PARAMS, ROOT, annotation_posts, check_annotation, section, with_absolute_paths
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,8 @@ def test_openai_backend_against_vllm_serve(vllm_server, monkeypatch):
 
 
 def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
-    """A recognisable fake key in the environment ends up in no output, MLflow param or tag, log or tracked file."""
+    """A recognisable fake key in the environment ends up in no output, MLflow param or tag, or file the stages
+    write."""
     import secrets
     import subprocess
     import sys
@@ -40,10 +41,11 @@ def test_api_key_never_leaves_the_environment(vllm_server, tmp_path):
 
     base_url, model = vllm_server
     key = "sk-politune-FAKE-" + secrets.token_hex(12)  # made at run time: no file can hold it by accident
-    params = read_yaml(ROOT / "params.yaml")
+    params = with_absolute_paths(read_yaml(ROOT / "params.yaml"))  # the stages run in tmp_path
     posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
     pd.DataFrame(posts[:2]).to_parquet(tmp_path / "posts.parquet")
-    params["annotate"].update(backend="openai", threshold=0.0, max_new_tokens=96, max_retries=0)
+    params["annotate"].update(backend="openai", threshold=0.0, max_new_tokens=160, max_retries=1)
+    params["annotate"]["quality"]["reject_copies"] = False  # this test is about the key: keep what the model writes
     params["annotate"]["openai"].update(base_url=base_url, model=model)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     env = dict(os.environ, OPENAI_API_KEY=key)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from politune.ingest import ingest
-from tests.helpers import PARAMS, ROOT, section
+from tests.helpers import PARAMS, ROOT, section, with_absolute_paths
 
 
 
@@ -36,7 +36,7 @@ def test_annotation_keeping_nothing_fails(tmp_path, tiny_model_dir):
     posts, _ = ingest(ROOT / "data" / "raw", section("ingest"))
     pd.DataFrame(posts[:8]).to_parquet(tmp_path / "posts.parquet")
     params = {"ideology": "right", "base": PARAMS["base"],
-              "annotate": dict(PARAMS["annotate"], backend="transformers", threshold=1.0)}
+              "annotate": dict(with_absolute_paths(PARAMS)["annotate"], backend="transformers", threshold=1.0)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     proc = run_stage("stages.score", ["--posts", "posts.parquet", "--model", str(tiny_model_dir), "--out",
                                       "scores.parquet", "--report", "scores.json", "--plot", "plot.json",
