@@ -125,45 +125,40 @@ def viewpoint_probabilities(loglik: np.ndarray, calibrate: bool) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def build_chat(cfg: Triplets, ideology: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
-    """The system prompt, then each example as a user turn (its post in the generate prompt) and an assistant turn
-    (its triplet as the JSON the schema asks for), then the post."""
-    prompts, fill = cfg.prompts[ideology], _fill(cfg, ideology)
-    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
-    for example in examples:
-        chat += [{"role": "user", "content": prompts.generate.format(post=example.post, **fill)},
-                 {"role": "assistant", "content": json.dumps({k: getattr(example, k) for k in TRIPLET_FIELDS},
-                                                             ensure_ascii=False)}]
-    chat.append({"role": "user", "content": prompts.generate.format(post=post, **fill)})
-    return chat
-
-
 def _fill(cfg: Triplets, side: str) -> dict[str, str]:
     return {"ideology": side, "viewpoint": cfg.viewpoints[side], "opposite": cfg.viewpoints[cfg.prompts[side].opposite]}
+
+
+def _chat(cfg: Triplets, side: str, template: str, examples, shown, reply, given: dict[str, str]) -> list[dict]:
+    """``side``'s system prompt; each example as a user turn (``template`` filled with ``shown(example)``) and an
+    assistant turn (``reply(example)`` as JSON); then the user turn of ``template`` filled with ``given``."""
+    fill = _fill(cfg, side)
+    chat = [{"role": "system", "content": cfg.prompts[side].system.format(**fill)}]
+    for example in examples:
+        chat += [{"role": "user", "content": template.format(**shown(example), **fill)},
+                 {"role": "assistant", "content": json.dumps(reply(example), ensure_ascii=False)}]
+    return chat + [{"role": "user", "content": template.format(**given, **fill)}]
+
+
+def build_chat(cfg: Triplets, ideology: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
+    """``answers: joint``: the system prompt, then each example as a user turn (its post in the generate prompt) and
+    an assistant turn (its triplet as the JSON the schema asks for), then the post."""
+    return _chat(cfg, ideology, cfg.prompts[ideology].generate, examples, lambda e: {"post": e.post},
+                 lambda e: {k: getattr(e, k) for k in TRIPLET_FIELDS}, {"post": post})
 
 
 def instruction_chat(cfg: Triplets, side: str, post: str, examples: list[Example] = ()) -> list[dict[str, str]]:
     """``answers: separate``, the first reply: the instruction the post answers, in the side's chat (examples: their
     post, then their instruction as JSON)."""
-    prompts, fill = cfg.prompts[side], _fill(cfg, side)
-    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
-    for example in examples:
-        chat += [{"role": "user", "content": prompts.instruction.format(post=example.post, **fill)},
-                 {"role": "assistant", "content": json.dumps({"instruction": example.instruction}, ensure_ascii=False)}]
-    chat.append({"role": "user", "content": prompts.instruction.format(post=post, **fill)})
-    return chat
+    return _chat(cfg, side, cfg.prompts[side].instruction, examples, lambda e: {"post": e.post},
+                 lambda e: {"instruction": e.instruction}, {"post": post})
 
 
 def answer_chat(cfg: Triplets, side: str, instruction: str, examples: list[Example] = ()) -> list[dict[str, str]]:
     """``answers: separate``: one answer to ``instruction`` in ``side``'s voice, in that side's chat (examples:
     their instruction, then their chosen answer, which voices that side, as JSON)."""
-    prompts, fill = cfg.prompts[side], _fill(cfg, side)
-    chat = [{"role": "system", "content": prompts.system.format(**fill)}]
-    for example in examples:
-        chat += [{"role": "user", "content": prompts.answer.format(instruction=example.instruction, **fill)},
-                 {"role": "assistant", "content": json.dumps({"answer": example.chosen}, ensure_ascii=False)}]
-    chat.append({"role": "user", "content": prompts.answer.format(instruction=instruction, **fill)})
-    return chat
+    return _chat(cfg, side, cfg.prompts[side].answer, examples, lambda e: {"instruction": e.instruction},
+                 lambda e: {"answer": e.chosen}, {"instruction": instruction})
 
 
 def load_examples(cfg: Triplets) -> dict[str, list[Example]]:
